@@ -1,0 +1,57 @@
+"""Shared fixtures. Nothing here touches the network or ../shared: tests build their own data."""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+WORDS = ("the cat sat on a mat while rain fell over old stone houses near river bank and birds "
+         "sang songs about summer light winter night quick brown fox jumps lazy dog émigré café").split()
+
+
+def make_documents(n: int, seed: int = 0, min_words: int = 20, max_words: int = 80) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words))]
+        docs.append(f"Document {i}: " + " ".join(words) + ".")
+    return docs
+
+
+@pytest.fixture
+def documents() -> list[str]:
+    return make_documents(120)
+
+
+@pytest.fixture
+def jsonl_corpus(tmp_path: Path, documents: list[str]) -> Path:
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents), encoding="utf-8")
+    return path
+
+
+def build_wordlevel_tokenizer(path: Path, words: list[str], extra: int = 0, eos: str | None = "</s>") -> Path:
+    """A whitespace word-level tokenizer folder, loadable by AutoTokenizer; `extra` pads the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0}
+    if eos:
+        vocab[eos] = 1
+    for w in sorted(set(words)):
+        vocab.setdefault(w, len(vocab))
+    for i in range(extra):
+        vocab[f"filler{i}"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    kwargs = {"eos_token": eos} if eos else {}
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **kwargs).save_pretrained(str(path))
+    return path
