@@ -1,0 +1,268 @@
+"""One source of truth for configuration: dataclasses, filled from a preset, a YAML file and
+command-line overrides, in that order. The resolved result is written into every run directory."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. Field names are Hugging Face LlamaConfig's, so the mapping is one-to-one."""
+
+    vocab_size: int = 8192
+    hidden_size: int = 512
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 8
+    intermediate_size: int = 1408
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "intermediate_size", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
+                            f"({self.hidden_size})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UserError(f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
+                            f"({self.num_attention_heads})")
+        if self.head_dim % 2:
+            raise UserError(f"head size hidden_size/num_attention_heads = {self.head_dim} must be even for RoPE")
+        if self.rope_theta <= 0 or self.rms_norm_eps <= 0 or self.initializer_range <= 0:
+            raise UserError("rope_theta, rms_norm_eps and initializer_range must be positive")
+
+
+# Named presets: each a few lines. vocab_size always comes from the data's meta.json.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=256),
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                  intermediate_size=1408),
+    "gpt2-124m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                      intermediate_size=2048),
+    "350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                 intermediate_size=2816),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, rope_theta=500000.0),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the architecture."""
+
+    data: str = "data"
+    out: str = "runs/default"
+    preset: str | None = None
+    max_steps: int = 1000
+    micro_batch_size: int = 8
+    block_size: int = 256
+    gradient_accumulation_steps: int = 1
+    lr: float = 6e-4
+    min_lr: float | None = None  # default: lr / 10
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping; the norm is still logged
+    eval_interval: int = 200
+    eval_iters: int = 20
+    save_interval: int = 500
+    keep_checkpoints: int = 3
+    log_interval: int = 10
+    seed: int = 1337
+    resume: str | None = None  # "latest" or a checkpoint path
+    init_from: str | None = None  # Hugging Face Llama folder or hub name
+    report_to: str = "none"  # none | wandb | tensorboard | all
+    project_name: str = "accel-pretrain"
+    mixed_precision: str | None = None  # no | bf16 | fp16; default: the accelerate launch config's
+    compile: bool = False
+    peak_flops: float | None = None  # per device, for MFU; default: looked up for known GPUs
+    overwrite: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> None:
+        positive = ("max_steps", "micro_batch_size", "block_size", "gradient_accumulation_steps",
+                    "eval_interval", "eval_iters", "save_interval", "keep_checkpoints", "log_interval")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"lr must be a positive number (got {self.lr})")
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
+        if not 0 <= self.min_lr <= self.lr:
+            raise UserError(f"min_lr must be between 0 and lr={self.lr} (got {self.min_lr})")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise UserError("warmup_steps, weight_decay and grad_clip must not be negative")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise UserError("beta1 and beta2 must be in [0, 1)")
+        if self.report_to not in ("none", "wandb", "tensorboard", "all"):
+            raise UserError(f"report_to must be none, wandb, tensorboard or all (got {self.report_to!r})")
+        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
+            raise UserError(f"mixed_precision must be no, bf16 or fp16 (got {self.mixed_precision!r})")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise UserError("peak_flops must be positive")
+        if self.block_size > self.model.max_position_embeddings:
+            raise UserError(f"block_size {self.block_size} exceeds max_position_embeddings "
+                            f"{self.model.max_position_embeddings}; raise --max_position_embeddings")
+        self.model.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+MODEL_FIELDS = {f.name: f for f in fields(ModelConfig)}
+TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig) if f.name != "model"}
+
+
+def _base_type(tp: Any) -> type:
+    """int for `int`, str for `str | None`: the type a value must be converted to."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
+
+
+_HINTS = {**typing.get_type_hints(ModelConfig), **typing.get_type_hints(TrainConfig)}
+
+
+def _convert(name: str, value: Any) -> Any:
+    """Coerce a YAML or CLI value to the field's type, or fail with a line naming the field."""
+    hint = _HINTS[name]
+    optional = type(None) in typing.get_args(hint)
+    tp = _base_type(hint)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and optional):
+        if optional:
+            return None
+        raise UserError(f"{name} cannot be empty")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be {tp.__name__} (got {value!r})") from None
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must hold a mapping of field: value")
+    flat = {k: v for k, v in data.items() if k != "model"}
+    model = data.get("model") or {}
+    if not isinstance(model, dict):
+        raise UserError(f"config file {path}: 'model' must be a mapping")
+    for k, v in model.items():
+        if k not in MODEL_FIELDS:
+            raise UserError(f"config file {path}: unknown model field {k!r}")
+        flat[k] = v
+    return flat
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--field value`, `--field=value`, and a bare `--flag` for booleans and resume."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise UserError(f"unexpected argument {arg!r}; options look like --field value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in TRAIN_FIELDS and key not in MODEL_FIELDS and key != "config":
+            raise UserError(f"unknown option --{key}; see --help for the fields")
+        if not eq:
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            takes_flag = key in ("resume", "overwrite", "compile", "tie_word_embeddings")
+            if nxt is None or (nxt.startswith("--") and takes_flag):
+                if not takes_flag:
+                    raise UserError(f"--{key} needs a value")
+                value = "latest" if key == "resume" else "true"
+            else:
+                value, i = nxt, i + 1
+        out[key] = value
+        i += 1
+    return out
+
+
+def resolve(args: list[str]) -> TrainConfig:
+    """preset < YAML file < command line; unknown keys and wrong types are user errors."""
+    cli = parse_overrides(args)
+    values: dict[str, Any] = _read_file(cli.pop("config")) if "config" in cli else {}
+    values.update(cli)
+    for key in values:
+        if key not in TRAIN_FIELDS and key not in MODEL_FIELDS:
+            raise UserError(f"unknown config key {key!r}")
+    cfg = TrainConfig()
+    preset = _convert("preset", values.get("preset"))
+    if preset is not None:
+        if preset not in PRESETS:
+            raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        cfg.model = dataclasses.replace(cfg.model, **PRESETS[preset])
+    for key, value in values.items():
+        target = cfg.model if key in MODEL_FIELDS else cfg
+        setattr(target, key, _convert(key, value))
+    return cfg
+
+
+def help_text() -> str:
+    lines = ["training fields (--field value):"]
+    for f in fields(TrainConfig):
+        if f.name != "model":
+            lines.append(f"  --{f.name} (default {f.default!r})")
+    lines.append("model fields (override the preset):")
+    for f in fields(ModelConfig):
+        lines.append(f"  --{f.name} (default {f.default!r})")
+    lines.append(f"presets: {', '.join(PRESETS)}")
+    return "\n".join(lines)
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    return ModelConfig(**{k: v for k, v in d.items() if k in MODEL_FIELDS})
+
+
+def save_json(obj: Any, path: Path) -> None:
+    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

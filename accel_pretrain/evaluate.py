@@ -1,0 +1,88 @@
+"""CLI: loss, perplexity and bits per byte of a model on a data directory's validation split.
+
+    python -m accel_pretrain.evaluate MODEL --data DIR [--block_size T] [--batch_size B] [--max_windows K]
+
+MODEL is a run directory, a checkpoint, or a Hugging Face Llama folder or name. Training's eval
+calls `score` on the same windows, so both report the same numbers."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import TokenData, eval_starts
+from .errors import UserError, run_cli
+
+
+@torch.no_grad()
+def score(model: torch.nn.Module, ids: np.ndarray, block_size: int, batch_size: int, max_windows: int | None,
+          device: torch.device, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of target losses in nats, number of targets) over this rank's share of the windows.
+
+    Every rank runs the same number of forwards (padding with weight-0 windows) so sharded models
+    (FSDP) never wait on a rank that has finished."""
+    starts = eval_starts(len(ids), block_size, max_windows)[rank::world]
+    n_total = len(eval_starts(len(ids), block_size, max_windows))
+    per_rank = math.ceil(n_total / world)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for b in range(0, per_rank, batch_size):
+        chosen = starts[b:b + batch_size]
+        weight = 1.0
+        if len(chosen) == 0:
+            chosen, weight = eval_starts(len(ids), block_size, 1), 0.0
+        xy = torch.from_numpy(np.stack([ids[s:s + block_size + 1] for s in chosen]).astype(np.int64)).to(device)
+        logits, _ = model(xy[:, :-1])
+        losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), xy[:, 1:].reshape(-1), reduction="sum")
+        loss_sum += weight * losses.double()
+        count += weight * xy[:, 1:].numel()
+    model.train(was_training)
+    return loss_sum, count
+
+
+def metrics(loss_sum: float, count: float, bytes_per_token: float | None) -> dict[str, float]:
+    loss = loss_sum / count
+    out = {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+    if bytes_per_token:
+        out["bits_per_byte"] = loss / math.log(2) / bytes_per_token
+    out["tokens"] = int(count)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .checkpoint import load_any
+
+    p = argparse.ArgumentParser(prog="python -m accel_pretrain.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="run directory, checkpoint, or Hugging Face Llama folder/name")
+    p.add_argument("--data", required=True, help="prepared data directory (reads valid_ids.npy)")
+    p.add_argument("--block_size", type=int, default=None, help="window length (default: the run's block_size, else 256)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_windows", type=int, default=None, help="score only the first K windows")
+    args = p.parse_args(argv)
+    data = TokenData(args.data)
+    model, _, state = load_any(args.model)
+    block = args.block_size or state.get("config", {}).get("block_size", 256)
+    if block < 1 or args.batch_size < 1 or (args.max_windows is not None and args.max_windows < 1):
+        raise UserError("--block_size, --batch_size and --max_windows must be at least 1")
+    if len(data.valid) < block + 1:
+        raise UserError(f"block_size {block} needs at least {block + 1} validation tokens; {args.data} has "
+                        f"{len(data.valid)}: pass a smaller --block_size")
+    if block > model.config.max_position_embeddings:
+        raise UserError(f"--block_size {block} exceeds the model's max_position_embeddings "
+                        f"{model.config.max_position_embeddings}")
+    data.check_ids_below(model.config.vocab_size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loss_sum, count = score(model.to(device), data.valid, block, args.batch_size, args.max_windows, device)
+    print(json.dumps(metrics(loss_sum.item(), count.item(), data.bytes_per_token)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

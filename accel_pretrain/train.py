@@ -1,0 +1,259 @@
+"""Pretraining loop. One code path for a laptop CPU, one GPU, DDP, FSDP and several nodes:
+only the `accelerate launch` config changes.
+
+    accelerate launch [--config_file accelerate_configs/NAME.yaml] -m accel_pretrain.train \\
+        --data DIR --out RUN [--config FILE.yaml] [--preset NAME] [--FIELD VALUE ...]
+
+Reads like the flowchart: get_batch -> model(x) -> cross_entropy -> backward (accumulate) ->
+clip_grad_norm_ -> AdamW + schedule -> eval / checkpoint / train_log.jsonl."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .checkpoint import list_checkpoints, read_state, resolve_checkpoint, save_checkpoint
+from .config import TrainConfig, help_text, resolve, save_json
+from .data import TokenData, step_windows
+from .errors import UserError, run_cli
+from .evaluate import metrics, score
+from .model import Transformer
+from .optim import build_optimizer, build_scheduler, lr_at
+from .tracking import RunLog, peak_flops, read_log, trackers_for
+
+RUN_FILES = ("config.json", "train_log.jsonl", "checkpoints", "tokenizer")
+
+
+class StopRequest:
+    """SIGTERM / Ctrl-C set a flag; the loop checkpoints at the end of the current step and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path | None:
+    """Check the run directory before anything is written; return the checkpoint to resume from."""
+    run = Path(cfg.out)
+    has_run = run.is_dir() and any((run / name).exists() for name in RUN_FILES)
+    if cfg.resume:
+        if cfg.resume == "latest":
+            if not list_checkpoints(run):
+                raise UserError(f"--resume: {run} holds no checkpoint to resume from")
+            return resolve_checkpoint(run)
+        return resolve_checkpoint(cfg.resume)
+    if has_run and not cfg.overwrite:
+        raise UserError(f"{run} already holds a run; pass --resume to continue it or --overwrite to start over")
+    return None
+
+
+def check_resume(ckpt: Path, cfg: TrainConfig, data: TokenData) -> dict[str, Any]:
+    state = read_state(ckpt)
+    ours = cfg.to_dict()["model"]
+    diffs = [f"{k} {state['model_config'].get(k)} -> {v}" for k, v in ours.items()
+             if k != "initializer_range" and state["model_config"].get(k) != v]
+    if diffs:
+        raise UserError(f"cannot resume {ckpt}: the model shape differs ({', '.join(diffs)})")
+    if state.get("data_fingerprint") != data.fingerprint():
+        raise UserError(f"cannot resume {ckpt}: it was trained on other data ({state.get('data_dir')}); "
+                        "resume with the same --data")
+    return state
+
+
+def build_model(cfg: TrainConfig, data: TokenData) -> Transformer:
+    if cfg.init_from:
+        from .hf import from_hf_pretrained
+
+        model = from_hf_pretrained(cfg.init_from)
+        if model.config.vocab_size < data.vocab_size:
+            raise UserError(f"--init_from model has {model.config.vocab_size} tokens, the data {data.vocab_size}: "
+                            "prepare the data with that model's tokenizer (--tokenizer)")
+        cfg.model = model.config
+        return model
+    return Transformer(cfg.model)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(__doc__ + "\n" + help_text())
+        return 0
+    cfg = resolve(argv)
+    data = TokenData(cfg.data)
+    if cfg.init_from is None:
+        cfg.model.vocab_size = data.vocab_size
+    cfg.validate()
+    data.check_block_size(cfg.block_size)
+    ckpt = prepare_run_dir(cfg)
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        log_with=trackers_for(cfg.report_to) or None,
+        project_dir=cfg.out,
+        step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the world size
+        dynamo_backend="inductor" if cfg.compile else None,
+    )
+    set_seed(cfg.seed)
+    run = Path(cfg.out)
+    model = build_model(cfg, data)
+    data.check_ids_below(cfg.model.vocab_size)
+    state: dict[str, Any] = check_resume(ckpt, cfg, data) if ckpt else {}
+
+    if accelerator.is_main_process:
+        if cfg.overwrite and not ckpt:
+            for name in RUN_FILES:
+                shutil.rmtree(run / name, ignore_errors=True) if (run / name).is_dir() else (run / name).unlink(missing_ok=True)
+        run.mkdir(parents=True, exist_ok=True)
+        save_json(cfg.to_dict(), run / "config.json")
+        if not (run / "tokenizer").exists() and (data.dir / "tokenizer").is_dir():
+            shutil.copytree(data.dir / "tokenizer", run / "tokenizer")
+    accelerator.wait_for_everyone()
+
+    device_type = accelerator.device.type
+    optimizer = build_optimizer(model, cfg, fused=device_type == "cuda")
+    scheduler = build_scheduler(optimizer, cfg)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if ckpt:
+        accelerator.load_state(str(ckpt))
+    start_step = state.get("step", 0)
+    tokens_seen = state.get("tokens_seen", 0)
+    elapsed_before = state.get("elapsed_s", 0.0)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mb, ga, T = cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.block_size
+    tokens_per_step = mb * T * ga * world
+    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    flops_per_token = accelerator.unwrap_model(model).flops_per_token(T)
+    mixed = accelerator.mixed_precision
+    peak = peak_flops(accelerator.device, mixed, cfg.peak_flops)
+    log = RunLog(run / "train_log.jsonl", accelerator.is_main_process)
+    if ckpt:
+        log.truncate_after(start_step)
+    header = {"event": "resume" if ckpt else "run", "step": start_step, "world_size": world,
+              "mixed_precision": mixed, "parameters": n_params, "tokens_per_step": tokens_per_step,
+              "device": str(accelerator.device), "version": __version__, "config": cfg.to_dict()}
+    log.write(header)
+    if cfg.report_to != "none":
+        accelerator.init_trackers(cfg.project_name, config={k: v for k, v in cfg.to_dict().items() if k != "model"}
+                                  | {f"model.{k}": v for k, v in cfg.to_dict()["model"].items()})
+    accelerator.print(f"{n_params / 1e6:.2f}M parameters | world size {world} | {mixed} precision | "
+                      f"{tokens_per_step:,} tokens per step ({mb} x {T} x {ga} accumulation x {world} processes)"
+                      + (f" | resuming from {ckpt}" if ckpt else ""))
+
+    def train_state(step: int) -> dict[str, Any]:
+        return {"step": step, "tokens_seen": tokens_seen, "data_fingerprint": data.fingerprint(),
+                "data_dir": str(data.dir), "model_config": cfg.to_dict()["model"], "world_size": world,
+                "elapsed_s": elapsed_before + time.perf_counter() - t_start, "config": cfg.to_dict()}
+
+    def evaluate(step: int) -> dict[str, float]:
+        loss_sum, count = score(model, data.valid, T, mb, cfg.eval_iters * mb, accelerator.device, rank, world)
+        m = metrics(accelerator.reduce(loss_sum, "sum").item(), accelerator.reduce(count, "sum").item(),
+                    data.bytes_per_token)
+        record = {"step": step, "val_loss": m["loss"], "val_ppl": m["perplexity"], "val_bpb": m.get("bits_per_byte")}
+        log.write(record)
+        accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
+        return m
+
+    stop = StopRequest()
+    fp16_skips = 0
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", disable=None if accelerator.is_local_main_process else True,
+               dynamic_ncols=True)
+    t_start = t_last = time.perf_counter()
+    tokens_last = tokens_seen
+    model.train()
+    for step in range(start_step, cfg.max_steps):
+        batch = step_windows(data.train, mb * ga, T, cfg.seed, step, rank)
+        if device_type == "cuda":
+            batch = batch.pin_memory()
+        batch = batch.to(accelerator.device, non_blocking=True)
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for micro in range(ga):
+            xy = batch[micro * mb:(micro + 1) * mb]
+            with accelerator.accumulate(model):
+                _, loss = model(xy[:, :-1], xy[:, 1:])
+                accelerator.backward(loss)
+                loss_sum += loss.detach()
+                if accelerator.sync_gradients:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                    if mixed != "fp16" and not torch.isfinite(grad_norm):
+                        raise_nonfinite(log, step + 1, grad_norm, ckpt_dir=list_checkpoints(run))
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+        if mixed == "fp16":
+            fp16_skips = fp16_skips + 1 if accelerator.optimizer_step_was_skipped else 0
+            if fp16_skips > 25:
+                raise_nonfinite(log, step + 1, grad_norm, ckpt_dir=list_checkpoints(run))
+        tokens_seen += tokens_per_step
+        done = step + 1
+        bar.update(1)
+
+        if done % cfg.log_interval == 0 or done == 1 or done == cfg.max_steps:
+            now = time.perf_counter()
+            tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+            t_last, tokens_last = now, tokens_seen
+            record = {"step": done, "tokens": tokens_seen,
+                      "loss": accelerator.reduce(loss_sum / ga, "mean").item(), "lr": lr_at(step, cfg),
+                      "grad_norm": grad_norm.item(), "tokens_per_s": tps,
+                      "mfu": flops_per_token * tps / world / peak if peak else None,
+                      "elapsed_s": elapsed_before + now - t_start}
+            if mixed == "fp16":
+                record["skipped_step"] = accelerator.optimizer_step_was_skipped
+            log.write(record)
+            accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=done)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
+        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            m = evaluate(done)
+            bar.write(f"step {done}: val_loss {m['loss']:.4f}, ppl {m['perplexity']:.2f}") if accelerator.is_main_process else None
+        stopping = _agree(accelerator, stop.requested)
+        if done % cfg.save_interval == 0 or done == cfg.max_steps or stopping:
+            save_checkpoint(accelerator, run, done, train_state(done), cfg.keep_checkpoints)
+        if stopping:
+            accelerator.print(f"\nstopped by signal at step {done}; checkpoint saved, continue with --resume")
+            break
+    bar.close()
+    accelerator.end_training()
+    return 0
+
+
+def _agree(accelerator, flag: bool) -> bool:
+    """True on every rank if any rank was asked to stop, so all save the same step together."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, "sum").item() > 0)
+
+
+def raise_nonfinite(log: RunLog, step: int, grad_norm: torch.Tensor, ckpt_dir: list[Path]) -> None:
+    last = ckpt_dir[-1] if ckpt_dir else None
+    log.write({"event": "nonfinite", "step": step, "grad_norm": float(grad_norm)})
+    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    raise UserError(f"non-finite loss or gradient norm at step {step}; stopped without saving ({where}); "
+                    "--resume with a lower --lr")
+
+
+def cli() -> int:
+    code = run_cli(main)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
