@@ -4,6 +4,7 @@ complete, so a name `step_*` always means a complete checkpoint. Loading never u
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -19,6 +20,9 @@ STEP_RE = re.compile(r"^step_(\d{7})$")
 STATE_FILE = "train_state.json"
 WEIGHTS_FILE = "model.safetensors"
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+# Tied embeddings are saved once by design; accelerate warns about it at every save.
+logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 def checkpoint_path(run: Path, step: int) -> Path:

@@ -90,11 +90,19 @@ def from_hf_config(hf: Any) -> ModelConfig:
     )
 
 
+def quiet_transformers() -> None:
+    """Our CLIs print their own one-line summaries; transformers' per-load progress bars are noise."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def to_hf_model(model: Transformer, bos_token_id: int | None = None, eos_token_id: int | None = None,
                 dtype: torch.dtype = torch.float32):
     """A LlamaForCausalLM holding our weights (strict: every tensor must map)."""
     from transformers import LlamaForCausalLM
 
+    quiet_transformers()
     hf = LlamaForCausalLM(to_hf_config(model.config, bos_token_id, eos_token_id)).to(dtype)
     state = {k: v.detach().to(dtype) for k, v in to_hf_state_dict(model.state_dict()).items()}
     hf.load_state_dict(state, strict=True)
@@ -119,6 +127,7 @@ def from_hf_pretrained(name_or_path: str) -> Transformer:
     from transformers import AutoModelForCausalLM
 
     cfg = from_hf_config(load_hf_config(name_or_path))
+    quiet_transformers()
     hf = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
     model = Transformer(cfg)
     state = from_hf_state_dict(hf.state_dict(), cfg)

@@ -33,15 +33,27 @@ RUN_FILES = ("config.json", "train_log.jsonl", "checkpoints", "tokenizer")
 
 
 class StopRequest:
-    """SIGTERM / Ctrl-C set a flag; the loop checkpoints at the end of the current step and exits."""
+    """SIGTERM / Ctrl-C set a flag; the loop checkpoints at the end of the current step and exits.
+    The previous handlers come back when the run ends."""
 
-    def __init__(self) -> None:
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> "StopRequest":
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+
+
+def param_checksum(model: torch.nn.Module) -> float:
+    """A float64 sum over all weights: equal on every rank exactly when the replicas agree."""
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path | None:
@@ -172,64 +184,72 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
         return m
 
-    stop = StopRequest()
     fp16_skips = 0
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", disable=None if accelerator.is_local_main_process else True,
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
+               disable=None if accelerator.is_local_main_process else True)
     t_start = t_last = time.perf_counter()
     tokens_last = tokens_seen
+    done = start_step
     model.train()
-    for step in range(start_step, cfg.max_steps):
-        batch = step_windows(data.train, mb * ga, T, cfg.seed, step, rank)
-        if device_type == "cuda":
-            batch = batch.pin_memory()
-        batch = batch.to(accelerator.device, non_blocking=True)
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for micro in range(ga):
-            xy = batch[micro * mb:(micro + 1) * mb]
-            with accelerator.accumulate(model):
-                _, loss = model(xy[:, :-1], xy[:, 1:])
-                accelerator.backward(loss)
-                loss_sum += loss.detach()
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-                    if mixed != "fp16" and not torch.isfinite(grad_norm):
-                        raise_nonfinite(log, step + 1, grad_norm, ckpt_dir=list_checkpoints(run))
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-        if mixed == "fp16":
-            fp16_skips = fp16_skips + 1 if accelerator.optimizer_step_was_skipped else 0
-            if fp16_skips > 25:
-                raise_nonfinite(log, step + 1, grad_norm, ckpt_dir=list_checkpoints(run))
-        tokens_seen += tokens_per_step
-        done = step + 1
-        bar.update(1)
-
-        if done % cfg.log_interval == 0 or done == 1 or done == cfg.max_steps:
-            now = time.perf_counter()
-            tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
-            t_last, tokens_last = now, tokens_seen
-            record = {"step": done, "tokens": tokens_seen,
-                      "loss": accelerator.reduce(loss_sum / ga, "mean").item(), "lr": lr_at(step, cfg),
-                      "grad_norm": grad_norm.item(), "tokens_per_s": tps,
-                      "mfu": flops_per_token * tps / world / peak if peak else None,
-                      "elapsed_s": elapsed_before + now - t_start}
+    with StopRequest() as stop:
+        for step in range(start_step, cfg.max_steps):
+            # get_batch: this step's windows for this rank, split into micro-batches below.
+            batch = step_windows(data.train, mb * ga, T, cfg.seed, step, rank)
+            if device_type == "cuda":
+                batch = batch.pin_memory()
+            batch = batch.to(accelerator.device, non_blocking=True)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            lr = optimizer.param_groups[0]["lr"]
+            for micro in range(ga):
+                xy = batch[micro * mb:(micro + 1) * mb]
+                with accelerator.accumulate(model):
+                    _, loss = model(xy[:, :-1], xy[:, 1:])
+                    accelerator.backward(loss)
+                    loss_sum += loss.detach()
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+                        if mixed != "fp16" and not torch.isfinite(grad_norm):
+                            raise_nonfinite(log, step + 1, grad_norm, list_checkpoints(run))
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
             if mixed == "fp16":
-                record["skipped_step"] = accelerator.optimizer_step_was_skipped
-            log.write(record)
-            accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=done)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
-        if done % cfg.eval_interval == 0 or done == cfg.max_steps:
-            m = evaluate(done)
-            bar.write(f"step {done}: val_loss {m['loss']:.4f}, ppl {m['perplexity']:.2f}") if accelerator.is_main_process else None
-        stopping = _agree(accelerator, stop.requested)
-        if done % cfg.save_interval == 0 or done == cfg.max_steps or stopping:
-            save_checkpoint(accelerator, run, done, train_state(done), cfg.keep_checkpoints)
-        if stopping:
-            accelerator.print(f"\nstopped by signal at step {done}; checkpoint saved, continue with --resume")
-            break
+                fp16_skips = fp16_skips + 1 if accelerator.optimizer_step_was_skipped else 0
+                if fp16_skips > 25:
+                    raise_nonfinite(log, step + 1, grad_norm, list_checkpoints(run))
+            tokens_seen += tokens_per_step
+            done = step + 1
+            bar.update(1)
+
+            if done % cfg.log_interval == 0 or done == 1 or done == cfg.max_steps:
+                now = time.perf_counter()
+                tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
+                t_last, tokens_last = now, tokens_seen
+                record = {"step": done, "tokens": tokens_seen,
+                          "loss": accelerator.reduce(loss_sum / ga, "mean").item(), "lr": lr,
+                          "grad_norm": grad_norm.item(), "tokens_per_s": tps,
+                          "mfu": flops_per_token * tps / world / peak if peak else None,
+                          "elapsed_s": elapsed_before + now - t_start}
+                if mixed == "fp16":
+                    record["skipped_step"] = accelerator.optimizer_step_was_skipped
+                log.write(record)
+                accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=done)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+            if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+                m = evaluate(done)
+                if accelerator.is_main_process:
+                    bar.write(f"step {done}: val_loss {m['loss']:.4f}, ppl {m['perplexity']:.2f}")
+            stopping = _agree(accelerator, stop.requested)
+            if done % cfg.save_interval == 0 or done == cfg.max_steps or stopping:
+                save_checkpoint(accelerator, run, done, train_state(done), cfg.keep_checkpoints)
+            if stopping:
+                accelerator.print(f"\nstopped by signal at step {done}; checkpoint saved, continue with --resume")
+                break
     bar.close()
+    # Replicas must agree after training: a gathered checksum per rank makes that checkable.
+    sums = accelerator.gather(torch.tensor([param_checksum(model)], device=accelerator.device, dtype=torch.float64))
+    log.write({"event": "end", "step": done, "param_checksums": sums.tolist()})
+    accelerator.wait_for_everyone()  # no rank tears down the process group while another still uses it
     accelerator.end_training()
     return 0
 
@@ -250,10 +270,5 @@ def raise_nonfinite(log: RunLog, step: int, grad_norm: torch.Tensor, ckpt_dir: l
                     "--resume with a lower --lr")
 
 
-def cli() -> int:
-    code = run_cli(main)
-    return code
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_cli(main))

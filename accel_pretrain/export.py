@@ -1,0 +1,70 @@
+"""CLI: a checkpoint -> a plain Hugging Face Llama folder (config.json, model.safetensors,
+generation_config.json, tokenizer) that loads with no custom code.
+
+    python -m accel_pretrain.export SRC OUT [--dtype float32|bfloat16] [--overwrite]
+
+SRC is a run directory (its latest checkpoint) or one checkpoint."""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import model_from_checkpoint, resolve_checkpoint, tokenizer_dir_of
+from .errors import UserError, run_cli
+from .hf import to_hf_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export(src: str, out: str, dtype: str = "float32", overwrite: bool = False) -> Path:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    ckpt = resolve_checkpoint(src)
+    out_path = Path(out)
+    if out_path.exists() and any(out_path.iterdir()) and not overwrite:
+        raise UserError(f"{out_path} already exists and is not empty; pass --overwrite or choose another OUT")
+    tok_dir = tokenizer_dir_of(ckpt)
+    if tok_dir is None:
+        raise UserError(f"no tokenizer found for {ckpt} (expected {ckpt.parent.parent / 'tokenizer'})")
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    model = model_from_checkpoint(ckpt)
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    bos = tok.bos_token_id if tok.bos_token_id is not None else eos
+    hf = to_hf_model(model, bos_token_id=bos, eos_token_id=eos, dtype=DTYPES[dtype])
+    hf.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, do_sample=True,
+                                            temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=128)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        hf.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        if out_path.exists():
+            shutil.rmtree(out_path)
+        tmp.rename(out_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m accel_pretrain.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="run directory (latest checkpoint) or a checkpoint directory")
+    p.add_argument("out", help="output folder for the Hugging Face model")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    out = export(args.src, args.out, args.dtype, args.overwrite)
+    print(f"exported {resolve_checkpoint(args.src)} -> {out} (LlamaForCausalLM, {args.dtype}); "
+          f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
