@@ -55,3 +55,15 @@ def build_wordlevel_tokenizer(path: Path, words: list[str], extra: int = 0, eos:
     kwargs = {"eos_token": eos} if eos else {}
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **kwargs).save_pretrained(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A prepared data directory (trained byte-level BPE, 512 tokens) shared by the training tests."""
+    from tokenization.prepare import main
+
+    root = tmp_path_factory.mktemp("data")
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(400, seed=3)), encoding="utf-8")
+    assert main([str(corpus), "--out", str(root / "data"), "--vocab_size", "512"]) == 0
+    return root / "data"

@@ -1,0 +1,39 @@
+"""Running the CLIs in-process (fast) and under `accelerate launch` (real multi-process)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--block_size", "32", "--micro_batch_size", "4", "--warmup_steps", "2",
+        "--eval_iters", "2", "--log_interval", "1", "--lr", "3e-3"]
+
+
+def train(*args) -> int:
+    """accel_pretrain.train's CLI in this process; Accelerate's singletons are reset afterwards."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from accel_pretrain.errors import run_cli
+    from accel_pretrain.train import main
+
+    try:
+        return run_cli(main, [str(a) for a in args])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def launch(config: str, *args, extra: list[str] | None = None, timeout: int = 240, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs" / config), *(extra or []), "-m", "accel_pretrain.train",
+           *[str(a) for a in args]]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def weights(ckpt: Path) -> dict:
+    return load_file(str(ckpt / "model.safetensors"))

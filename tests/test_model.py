@@ -1,0 +1,122 @@
+"""Our model against transformers' LlamaForCausalLM: same logits, both conversion directions."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from accel_pretrain.config import PRESETS, ModelConfig
+from accel_pretrain.errors import UserError
+from accel_pretrain.hf import from_hf_config, from_hf_pretrained, to_hf_model, to_hf_state_dict
+from accel_pretrain.model import Transformer
+
+SHAPES = [  # (tie, heads, kv heads, rope_theta, seq_len)
+    (True, 4, 2, 10000.0, 7),
+    (False, 4, 4, 10000.0, 16),
+    (True, 8, 1, 123456.7, 33),
+    (False, 2, 1, 500.0, 1),
+]
+
+
+def small_config(tie: bool, heads: int, kv: int, theta: float) -> ModelConfig:
+    return ModelConfig(vocab_size=211, hidden_size=64, num_hidden_layers=3, num_attention_heads=heads,
+                       num_key_value_heads=kv, intermediate_size=120, max_position_embeddings=64,
+                       rope_theta=theta, tie_word_embeddings=tie)
+
+
+@pytest.mark.parametrize("tie, heads, kv, theta, T", SHAPES)
+def test_logits_match_llama_after_export(tie, heads, kv, theta, T):
+    torch.manual_seed(0)
+    ours = Transformer(small_config(tie, heads, kv, theta)).eval()
+    hf = to_hf_model(ours)
+    x = torch.randint(0, 211, (3, T))
+    with torch.no_grad():
+        assert (ours(x)[0] - hf(x).logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("tie, heads, kv, theta, T", SHAPES)
+def test_import_from_llama_checkpoint_and_round_trip(tmp_path, tie, heads, kv, theta, T):
+    torch.manual_seed(1)
+    hf_cfg = LlamaConfig(vocab_size=211, hidden_size=64, num_hidden_layers=3, num_attention_heads=heads,
+                         num_key_value_heads=kv, intermediate_size=120, max_position_embeddings=64,
+                         rope_parameters={"rope_type": "default", "rope_theta": theta}, tie_word_embeddings=tie,
+                         rms_norm_eps=1e-6)
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # HF zero-inits nothing we rely on, but make norms non-trivial too
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path / "llama")
+    ours = from_hf_pretrained(str(tmp_path / "llama")).eval()
+    x = torch.randint(0, 211, (2, T))
+    with torch.no_grad():
+        assert (ours(x)[0] - hf(x).logits).abs().max().item() < 1e-5
+    back = to_hf_state_dict(ours.state_dict())
+    original = hf.state_dict()
+    assert set(back) == set(original)
+    for k, v in original.items():
+        assert torch.equal(back[k], v), k
+    assert ours.config.tie_word_embeddings == tie and ours.config.rms_norm_eps == 1e-6
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(mlp_bias=True), "mlp_bias"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope scaling 'linear'"),
+    (dict(hidden_act="gelu"), "hidden_act"),
+])
+def test_unsupported_llama_variants_are_named(change, expected):
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, intermediate_size=32, **change)
+    with pytest.raises(UserError, match="does not fit") as err:
+        from_hf_config(cfg)
+    assert expected in str(err.value)
+
+
+def test_non_llama_model_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(UserError, match="model_type is 'gpt2'"):
+        from_hf_pretrained(str(tmp_path / "gpt2"))
+
+
+def test_presets_sizes_and_flops():
+    sizes = {}
+    for name in ("tiny", "small", "gpt2-124m"):
+        vocab = 50257 if name == "gpt2-124m" else 8192
+        sizes[name] = Transformer(dataclasses.replace(ModelConfig(), vocab_size=vocab, **PRESETS[name])).num_params()
+    assert 0.7e6 < sizes["tiny"] < 1.5e6
+    assert 25e6 < sizes["small"] < 35e6
+    assert 120e6 < sizes["gpt2-124m"] < 130e6
+    m = Transformer(small_config(False, 4, 2, 1e4))
+    n = m.num_params() - m.embed_tokens.weight.numel()
+    assert m.flops_per_token(32) == 6 * n + 12 * 3 * 64 * 32
+
+
+def test_forward_loss_is_mean_cross_entropy():
+    torch.manual_seed(0)
+    m = Transformer(small_config(True, 4, 2, 1e4))
+    x = torch.randint(0, 211, (2, 9))
+    logits, loss = m(x[:, :-1], x[:, 1:])
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 211), x[:, 1:].reshape(-1))
+    assert torch.allclose(loss, ref)
+    assert 5.0 < loss.item() < 5.7  # about ln(211) at initialisation: the init is not degenerate
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(ModelConfig(), vocab_size=256, **PRESETS["tiny"])
+    eager = Transformer(cfg)
+    compiled_model = Transformer(cfg)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x = torch.randint(0, 256, (2, 32))
+    _, loss_e = eager(x[:, :-1], x[:, 1:])
+    _, loss_c = compiled(x[:, :-1], x[:, 1:])
+    loss_e.backward()
+    loss_c.backward()
+    assert torch.allclose(loss_e, loss_c, atol=1e-5)
+    for (name, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5), name
