@@ -17,8 +17,25 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+DEMO ?= demo
+DEMO_TRAIN ?= --preset mini --block_size 256 --micro_batch_size 8 --max_steps 300 --warmup_steps 30 \
+	--lr 2e-3 --min_lr 2e-4 --eval_interval 50 --eval_iters 10 --save_interval 100 --log_interval 5
+
+# The whole pipeline, offline, on CPU: corpus -> ids -> training -> HF export -> sample -> plot.
 demo: $(VENV)/.installed
-	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
+	$(PY) -m tokenization.sample_corpus $(DEMO)/corpus.jsonl
+	$(PY) -m tokenization.prepare $(DEMO)/corpus.jsonl --out $(DEMO)/data --overwrite
+	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml -m accel_pretrain.train \
+		--data $(DEMO)/data --out $(DEMO)/run --overwrite --mixed_precision auto $(DEMO_TRAIN)
+	$(PY) -m accel_pretrain.export $(DEMO)/run $(DEMO)/hf --overwrite
+	$(PY) -m accel_pretrain.generate $(DEMO)/hf --prompt "Return the number of" --max_new_tokens 48
+	$(PY) -m accel_pretrain.plot $(DEMO)/run --out $(DEMO)/loss.png
+	$(PY) -m accel_pretrain.evaluate $(DEMO)/run --data $(DEMO)/data > $(DEMO)/eval.json
+	@$(PY) -c "import json; e = json.load(open('$(DEMO)/eval.json')); \
+	print(f\"\nvalidation loss {e['loss']:.3f} nats ({e['bits_per_byte']:.3f} bits/byte) vs unigram model \
+	{e['unigram_loss']:.3f} nats\"); assert e['loss'] < e['unigram_loss'] - 1.0, 'did not beat the unigram model'"
+	@echo "outputs: data $(DEMO)/data | run $(DEMO)/run (train_log.jsonl, checkpoints/) | \
+	Hugging Face model $(DEMO)/hf | plot $(DEMO)/loss.png"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

@@ -55,6 +55,8 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=256),
+    "mini": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=704),
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                   intermediate_size=1408),
     "gpt2-124m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
@@ -94,7 +96,7 @@ class TrainConfig:
     init_from: str | None = None  # Hugging Face Llama folder or hub name
     report_to: str = "none"  # none | wandb | tensorboard | all
     project_name: str = "accel-pretrain"
-    mixed_precision: str | None = None  # no | bf16 | fp16; default: the accelerate launch config's
+    mixed_precision: str | None = None  # no | bf16 | fp16 | auto; default: the accelerate launch config's
     compile: bool = False
     peak_flops: float | None = None  # per device, for MFU; default: looked up for known GPUs
     overwrite: bool = False
@@ -118,8 +120,10 @@ class TrainConfig:
             raise UserError("beta1 and beta2 must be in [0, 1)")
         if self.report_to not in ("none", "wandb", "tensorboard", "all"):
             raise UserError(f"report_to must be none, wandb, tensorboard or all (got {self.report_to!r})")
-        if self.mixed_precision not in (None, "no", "bf16", "fp16"):
-            raise UserError(f"mixed_precision must be no, bf16 or fp16 (got {self.mixed_precision!r})")
+        if self.mixed_precision not in (None, "no", "bf16", "fp16", "auto"):
+            raise UserError(f"mixed_precision must be no, bf16, fp16 or auto (got {self.mixed_precision!r})")
+        if self.mixed_precision == "auto":
+            self.mixed_precision = auto_precision()
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise UserError("peak_flops must be positive")
         if self.block_size > self.model.max_position_embeddings:
@@ -129,6 +133,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def auto_precision() -> str:
+    """bf16 where the hardware computes it natively; emulated bf16 on a CPU without AVX-512 BF16 or
+    AMX is several times slower than fp32, so such CPUs get fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16" if native else "no"
 
 
 MODEL_FIELDS = {f.name: f for f in fields(ModelConfig)}

@@ -89,3 +89,13 @@ def eval_starts(n_tokens: int, block_size: int, max_windows: int | None = None) 
     """Consecutive non-overlapping windows: i = 0, T, 2T, ... while i + T + 1 <= n_tokens."""
     starts = np.arange(0, max(n_tokens - block_size, 0), block_size)
     return starts if max_windows is None else starts[:max_windows]
+
+
+def unigram_loss(train: np.ndarray, targets: np.ndarray, vocab_size: int) -> float:
+    """Cross-entropy (nats) of `targets` under the add-one-smoothed unigram distribution of the
+    training ids: the baseline a language model must clearly beat."""
+    counts = np.ones(vocab_size, dtype=np.float64)
+    for i in range(0, len(train), 1 << 24):
+        counts += np.bincount(train[i:i + (1 << 24)], minlength=vocab_size)[:vocab_size]
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.asarray(targets, dtype=np.int64)].mean())

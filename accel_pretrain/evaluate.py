@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import TokenData, eval_starts
+from .data import TokenData, eval_starts, unigram_loss
 from .errors import UserError, run_cli
 
 
@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     data.check_ids_below(model.config.vocab_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loss_sum, count = score(model.to(device), data.valid, block, args.batch_size, args.max_windows, device)
-    print(json.dumps(metrics(loss_sum.item(), count.item(), data.bytes_per_token)))
+    result = metrics(loss_sum.item(), count.item(), data.bytes_per_token)
+    starts = eval_starts(len(data.valid), block, args.max_windows)
+    targets = np.concatenate([data.valid[s + 1:s + block + 1] for s in starts])
+    result["unigram_loss"] = unigram_loss(data.train, targets, model.config.vocab_size)
+    print(json.dumps(result))
     return 0
 
 

@@ -1,0 +1,63 @@
+"""CLI: train_log.jsonl -> PNG of training and validation loss against tokens seen, with the
+learning rate below; one colour per run, so runs can be compared.
+
+    python -m accel_pretrain.plot RUN [RUN ...] [--out loss.png]"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import UserError, run_cli
+from .tracking import read_log
+
+
+def plot(runs: list[str], out: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, height_ratios=(3, 1))
+    for i, run in enumerate(runs):
+        path = Path(run) / "train_log.jsonl"
+        if not path.is_file():
+            raise UserError(f"{run} has no train_log.jsonl; pass a run directory written by accel_pretrain.train")
+        log = read_log(path)
+        tokens_per_step = next((r["tokens_per_step"] for r in log if "tokens_per_step" in r), 1)
+        train = [r for r in log if "loss" in r]
+        evals = [r for r in log if "val_loss" in r]
+        color = f"C{i}"
+        name = Path(run).name
+        ax_loss.plot([r["tokens"] for r in train], [r["loss"] for r in train], color=color, alpha=0.45, lw=1,
+                     label=f"{name} train")
+        ax_loss.plot([r["step"] * tokens_per_step for r in evals], [r["val_loss"] for r in evals], "o-",
+                     color=color, lw=2, ms=4, label=f"{name} validation")
+        ax_lr.plot([r["tokens"] for r in train], [r["lr"] for r in train], color=color)
+    ax_loss.set_ylabel("cross-entropy (nats)")
+    ax_loss.set_xscale("log")
+    ax_loss.grid(True, which="both", alpha=0.3)
+    ax_loss.legend()
+    ax_loss.set_title("accel-pretrain: loss against tokens seen")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("tokens seen (log scale)")
+    ax_lr.grid(True, alpha=0.3)
+    fig.tight_layout()
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m accel_pretrain.plot", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="run directories holding train_log.jsonl")
+    p.add_argument("--out", default="loss.png")
+    args = p.parse_args(argv)
+    print(f"wrote {plot(args.runs, args.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
