@@ -1,6 +1,7 @@
 """The one exception type for user mistakes, and the CLI boundary that turns it into one line."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -14,5 +15,6 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     try:
         return main(argv) or 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # one line per job, not one per process
+            print(f"error: {e}", file=sys.stderr)
         return 2

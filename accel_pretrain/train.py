@@ -9,7 +9,7 @@ clip_grad_norm_ -> AdamW + schedule -> eval / checkpoint / train_log.jsonl."""
 from __future__ import annotations
 
 import math
-import os
+import pickle
 import shutil
 import signal
 import sys
@@ -26,8 +26,8 @@ from .data import TokenData, step_windows
 from .errors import UserError, run_cli
 from .evaluate import metrics, score
 from .model import Transformer
-from .optim import build_optimizer, build_scheduler, lr_at
-from .tracking import RunLog, peak_flops, read_log, trackers_for
+from .optim import build_optimizer, build_scheduler
+from .tracking import RunLog, peak_flops, trackers_for
 
 RUN_FILES = ("config.json", "train_log.jsonl", "checkpoints", "tokenizer")
 
@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in RUN_FILES:
                 shutil.rmtree(run / name, ignore_errors=True) if (run / name).is_dir() else (run / name).unlink(missing_ok=True)
         run.mkdir(parents=True, exist_ok=True)
+        for partial in (run / "checkpoints").glob(".partial-*"):  # left by a run killed mid-save
+            shutil.rmtree(partial, ignore_errors=True)
         save_json(cfg.to_dict(), run / "config.json")
         if not (run / "tokenizer").exists() and (data.dir / "tokenizer").is_dir():
             shutil.copytree(data.dir / "tokenizer", run / "tokenizer")
@@ -144,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = build_scheduler(optimizer, cfg)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if ckpt:
-        accelerator.load_state(str(ckpt))
+        try:
+            accelerator.load_state(str(ckpt))  # safetensors + torch.load(weights_only=True): no code runs
+        except (pickle.UnpicklingError, RuntimeError, OSError) as e:
+            raise UserError(f"cannot load checkpoint {ckpt} safely ({str(e).splitlines()[0][:200]}); "
+                            "resume from another checkpoint") from None
     start_step = state.get("step", 0)
     tokens_seen = state.get("tokens_seen", 0)
     elapsed_before = state.get("elapsed_s", 0.0)
