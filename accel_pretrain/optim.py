@@ -33,3 +33,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.op
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """A LambdaLR over lr_at, so save_state/load_state carry the position in the schedule."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at(step, cfg) / cfg.lr)
+
+
+def apply_config_to_schedule(scheduler, cfg: TrainConfig) -> None:
+    """After load_state: the checkpoint restored its own base lr, but a resumed run follows the
+    current config (e.g. a lower --lr after a divergence). Same formula as LambdaLR, so an
+    unchanged config resumes bit-identically."""
+    inner = getattr(scheduler, "scheduler", scheduler)
+    inner.base_lrs = [cfg.lr for _ in inner.base_lrs]
+    for group, base, fn in zip(inner.optimizer.param_groups, inner.base_lrs, inner.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(inner.last_epoch)

@@ -26,7 +26,7 @@ from .data import TokenData, step_windows
 from .errors import UserError, run_cli
 from .evaluate import metrics, score
 from .model import Transformer
-from .optim import build_optimizer, build_scheduler
+from .optim import apply_config_to_schedule, build_optimizer, build_scheduler
 from .tracking import RunLog, peak_flops, trackers_for
 
 RUN_FILES = ("config.json", "train_log.jsonl", "checkpoints", "tokenizer")
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         except (pickle.UnpicklingError, RuntimeError, OSError) as e:
             raise UserError(f"cannot load checkpoint {ckpt} safely ({str(e).splitlines()[0][:200]}); "
                             "resume from another checkpoint") from None
+        apply_config_to_schedule(scheduler, cfg)
     start_step = state.get("step", 0)
     tokens_seen = state.get("tokens_seen", 0)
     elapsed_before = state.get("elapsed_s", 0.0)

@@ -116,6 +116,7 @@ def test_full_disk_during_checkpoint_keeps_earlier_ones(tmp_path, data_dir, monk
     def failing_save(self, output_dir=None, **kwargs):
         calls.append(output_dir)
         if len(calls) == 2:
+            os.makedirs(output_dir, exist_ok=True)
             open(os.path.join(output_dir, "model.safetensors"), "wb").write(b"half")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(self, output_dir, **kwargs)
@@ -142,10 +143,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir
     capsys.readouterr()
     assert train(*base, "--max_steps", 12, "--lr", "1e12", "--resume") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "non-finite" in err[0] and "step 5" in err[0] and "step_0000004" in err[0]
+    assert len(err) == 1 and "non-finite" in err[0] and "step 6" in err[0] and "step_0000004" in err[0]
     assert [p.name for p in list_checkpoints(run)] == ["step_0000004"]
     assert (run / "checkpoints/step_0000004/model.safetensors").read_bytes() == good
-    assert read_log(run / "train_log.jsonl")[-1] == {"event": "nonfinite", "step": 5, "grad_norm": pytest.approx(float("nan"), nan_ok=True)}
+    assert read_log(run / "train_log.jsonl")[-1] == {"event": "nonfinite", "step": 6, "grad_norm": pytest.approx(float("nan"), nan_ok=True)}
     assert train(*base, "--max_steps", 8, "--lr", "1e-3", "--resume") == 0
     assert [p.name for p in list_checkpoints(run)][-1] == "step_0000008"
 
