@@ -1,0 +1,95 @@
+"""Export loads in plain transformers; evaluate agrees with LlamaForCausalLM on the same windows;
+every launch config parses the way `accelerate launch` reads it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from accel_pretrain.errors import run_cli
+from tests.helpers import ROOT, TINY, train
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("exp") / "run"
+    assert train("--data", data_dir, "--out", out, *TINY, "--max_steps", 6, "--eval_interval", 6,
+                 "--save_interval", 6) == 0
+    return out
+
+
+def test_export_loads_in_transformers_without_custom_code(tmp_path, run, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, pipeline
+
+    from accel_pretrain import export
+    from accel_pretrain.checkpoint import model_from_checkpoint, resolve_checkpoint
+
+    out = tmp_path / "hf"
+    assert run_cli(export.main, [str(run), str(out)]) == 0
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(hf, LlamaForCausalLM)
+    assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()  # tied stays tied
+    ours = model_from_checkpoint(resolve_checkpoint(run)).eval()
+    x = torch.randint(0, ours.config.vocab_size, (2, 17))
+    with torch.no_grad():
+        assert (ours(x)[0] - hf(x).logits).abs().max().item() < 1e-5
+    tok = AutoTokenizer.from_pretrained(out)
+    text = pipeline("text-generation", model=str(out))("Document 1: the", max_new_tokens=5, do_sample=False)
+    assert text[0]["generated_text"].startswith("Document 1: the") and tok.eos_token == "<|endoftext|>"
+
+    assert run_cli(export.main, [str(run), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
+
+
+def test_evaluate_matches_llama_loss_and_training_eval(run, data_dir, capsys):
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    from accel_pretrain import evaluate, export
+    from accel_pretrain.tracking import read_log
+
+    assert run_cli(evaluate.main, [str(run), "--data", str(data_dir), "--block_size", "32", "--batch_size", "3"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    hf_dir = run.parent / "hf"
+    assert run_cli(export.main, [str(run), str(hf_dir)]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    ids = np.load(data_dir / "valid_ids.npy").astype(np.int64)
+    losses, count = 0.0, 0
+    for i in range(0, len(ids) - 32, 32):
+        x = torch.from_numpy(ids[i:i + 33])[None]
+        with torch.no_grad():
+            logits = hf(x[:, :-1]).logits
+        losses += F.cross_entropy(logits[0], x[0, 1:], reduction="sum").item()
+        count += 32
+    assert result["tokens"] == count
+    assert result["loss"] == pytest.approx(losses / count, rel=1e-5)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] / np.log(2) * meta["valid_tokens"] / meta["valid_bytes"])
+    train_ids = np.load(data_dir / "train_ids.npy").astype(np.int64)
+    counts = np.bincount(train_ids, minlength=meta["vocab_size"]) + 1.0
+    targets = np.concatenate([ids[i + 1:i + 33] for i in range(0, len(ids) - 32, 32)])
+    assert result["unigram_loss"] == pytest.approx(-np.log(counts[targets] / counts.sum()).mean(), rel=1e-9)
+    # training's eval on the same first eval_iters x micro_batch_size windows reports the same number
+    assert run_cli(evaluate.main, [str(run), "--data", str(data_dir), "--max_windows", "8"]) == 0
+    limited = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    val = [r for r in read_log(run / "train_log.jsonl") if "val_loss" in r][-1]["val_loss"]
+    assert limited["loss"] == pytest.approx(val, rel=1e-6)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.stem)
+def test_launch_configs_parse(path: Path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert cfg.num_processes >= 1 and cfg.mixed_precision in ("no", "bf16", "fp16")
+
+
+def test_all_launch_configs_present():
+    names = {p.stem for p in (ROOT / "accelerate_configs").glob("*.yaml")}
+    assert names == {"cpu", "cpu_ddp", "single_gpu", "single_gpu_bf16", "multi_gpu_ddp_bf16", "multi_gpu_fp16",
+                     "fsdp", "deepspeed_zero2", "multi_node"}
