@@ -19,6 +19,7 @@ from .model import Transformer
 STEP_RE = re.compile(r"^step_(\d{7})$")
 STATE_FILE = "train_state.json"
 WEIGHTS_FILE = "model.safetensors"
+FSDP_WEIGHTS_FILE = "pytorch_model_fsdp.bin"
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 # Tied embeddings are saved once by design; accelerate warns about it at every save.
@@ -87,10 +88,13 @@ def save_checkpoint(accelerator, run: Path, step: int, state: dict[str, Any], ke
 def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    path = ckpt / WEIGHTS_FILE
-    if not path.is_file():
-        raise UserError(f"{ckpt} has no {WEIGHTS_FILE}")
-    state = load_file(str(path))
+    path, fsdp = ckpt / WEIGHTS_FILE, ckpt / FSDP_WEIGHTS_FILE
+    if path.is_file():
+        state = load_file(str(path))
+    elif fsdp.is_file():  # FSDP with FULL_STATE_DICT saves a torch file; tensors only, no code
+        state = torch.load(fsdp, map_location="cpu", weights_only=True)
+    else:
+        raise UserError(f"{ckpt} has no {WEIGHTS_FILE} (nor {FSDP_WEIGHTS_FILE})")
     for prefix in WRAPPER_PREFIXES:
         state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
     return state

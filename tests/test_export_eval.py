@@ -93,3 +93,25 @@ def test_all_launch_configs_present():
     names = {p.stem for p in (ROOT / "accelerate_configs").glob("*.yaml")}
     assert names == {"cpu", "cpu_ddp", "single_gpu", "single_gpu_bf16", "multi_gpu_ddp_bf16", "multi_gpu_fp16",
                      "fsdp", "deepspeed_zero2", "multi_node"}
+
+
+def test_fsdp_full_state_dict_checkpoint_exports(tmp_path, run, capsys):
+    """fsdp.yaml checkpoints hold pytorch_model_fsdp.bin instead of model.safetensors."""
+    import shutil
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from accel_pretrain import export
+    from accel_pretrain.checkpoint import resolve_checkpoint
+
+    src = resolve_checkpoint(run)
+    fsdp_run = tmp_path / "fsdp_run"
+    shutil.copytree(run, fsdp_run)
+    ckpt = fsdp_run / "checkpoints" / src.name
+    state = load_file(str(ckpt / "model.safetensors"))
+    (ckpt / "model.safetensors").unlink()
+    torch.save(state, ckpt / "pytorch_model_fsdp.bin")
+    assert run_cli(export.main, [str(fsdp_run), str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert torch.equal(hf.model.embed_tokens.weight, state["embed_tokens.weight"])
