@@ -81,7 +81,11 @@ def step_windows(ids: np.ndarray, n: int, block_size: int, seed: int, step: int,
 
     Split into micro-batches by the caller: accumulation 4 x 2 and 1 x 8 see the same 8 windows."""
     rng = np.random.default_rng([seed, step, rank])
-    starts = rng.integers(0, len(ids) - block_size, size=n)
+    return windows(ids, rng.integers(0, len(ids) - block_size, size=n), block_size)
+
+
+def windows(ids: np.ndarray, starts: np.ndarray, block_size: int) -> torch.Tensor:
+    """The windows ids[s : s + block_size + 1] as an int64 tensor (len(starts), block_size + 1)."""
     return torch.from_numpy(np.stack([ids[s:s + block_size + 1] for s in starts]).astype(np.int64))
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import TokenData, eval_starts, unigram_loss
+from .data import TokenData, eval_starts, unigram_loss, windows
 from .errors import UserError, run_cli
 
 
@@ -26,9 +26,9 @@ def score(model: torch.nn.Module, ids: np.ndarray, block_size: int, batch_size: 
 
     Every rank runs the same number of forwards (padding with weight-0 windows) so sharded models
     (FSDP) never wait on a rank that has finished."""
-    starts = eval_starts(len(ids), block_size, max_windows)[rank::world]
-    n_total = len(eval_starts(len(ids), block_size, max_windows))
-    per_rank = math.ceil(n_total / world)
+    all_starts = eval_starts(len(ids), block_size, max_windows)
+    starts = all_starts[rank::world]
+    per_rank = math.ceil(len(all_starts) / world)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     count = torch.zeros((), device=device, dtype=torch.float64)
     was_training = model.training
@@ -37,8 +37,8 @@ def score(model: torch.nn.Module, ids: np.ndarray, block_size: int, batch_size: 
         chosen = starts[b:b + batch_size]
         weight = 1.0
         if len(chosen) == 0:
-            chosen, weight = eval_starts(len(ids), block_size, 1), 0.0
-        xy = torch.from_numpy(np.stack([ids[s:s + block_size + 1] for s in chosen]).astype(np.int64)).to(device)
+            chosen, weight = all_starts[:1], 0.0
+        xy = windows(ids, chosen, block_size).to(device)
         logits, _ = model(xy[:, :-1])
         losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), xy[:, 1:].reshape(-1), reduction="sum")
         loss_sum += weight * losses.double()
