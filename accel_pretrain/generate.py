@@ -3,8 +3,9 @@
     python -m accel_pretrain.generate MODEL --prompt TEXT [--max_new_tokens 64] [--temperature 0.8]
         [--top_k 50] [--top_p 0.95] [--seed 0]
 
-Our weights are handed to transformers' LlamaForCausalLM, whose generate() brings the KV cache
-and the samplers, so there is one sampling implementation to trust."""
+Decoding runs our model with its preallocated KV cache (model.KVCache). The next token is drawn
+with transformers' own temperature and top-p warpers after a top-k cut, which is what its generate()
+computes: the same seed gives the same text as `LlamaForCausalLM.generate` on the export."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,41 @@ import torch
 
 from .checkpoint import load_any
 from .errors import UserError, run_cli
-from .hf import to_hf_model
+from .model import KVCache, Transformer
+
+
+@torch.no_grad()
+def generate(model: Transformer, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
+             top_k: int = 50, top_p: float = 0.95, eos_token_id: int | None = None) -> torch.Tensor:
+    """New tokens (B, <= max_new_tokens) after the prompt ids (B, T): the prompt in one pass, then one
+    cached step per token; stops early once every row has written eos_token_id (and pads with it)."""
+    from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)] if temperature > 0 else [])
+    if temperature > 0 and top_p < 1:
+        warpers.append(TopPLogitsWarper(top_p))
+    model.eval()
+    cache = KVCache(model.config, ids.shape[0], ids.shape[1] + max_new_tokens, ids.device, model.lm_head.weight.dtype)
+    done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    seq = ids
+    for _ in range(max_new_tokens):
+        logits = model.next_token_logits(seq[:, cache.pos:], cache)
+        if temperature > 0:
+            if 0 < top_k < logits.shape[-1]:  # top-k first, so top-p sorts k scores, not the vocabulary
+                top, idx = logits.topk(top_k, dim=-1)
+                logits = torch.full_like(logits, float("-inf")).scatter_(-1, idx, warpers(seq, top))
+            else:
+                logits = warpers(seq, logits)
+            nxt = torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(1)
+        else:
+            nxt = logits.argmax(-1)
+        if eos_token_id is not None:
+            nxt = torch.where(done, eos_token_id, nxt)
+            done |= nxt == eos_token_id
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        if eos_token_id is not None and bool(done.all()):
+            break
+    return seq[:, ids.shape[1]:]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,21 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(tok_path)
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    hf = to_hf_model(model, eos_token_id=eos).to(device)
+    model.to(device)
     ids = tok(args.prompt, add_special_tokens=False, return_tensors="pt").input_ids if args.prompt else None
     if ids is None or ids.numel() == 0:
         ids = torch.tensor([[eos]])
     if ids.shape[1] + args.max_new_tokens > model.config.max_position_embeddings:
         raise UserError(f"prompt + --max_new_tokens exceeds the model's {model.config.max_position_embeddings} positions")
     torch.manual_seed(args.seed)
-    sample = args.temperature > 0
     t0 = time.perf_counter()
-    out = hf.generate(ids.to(device), attention_mask=torch.ones_like(ids, device=device),
-                      max_new_tokens=args.max_new_tokens, do_sample=sample,
-                      temperature=args.temperature if sample else None, top_k=args.top_k if sample else None,
-                      top_p=args.top_p if sample else None, pad_token_id=eos, eos_token_id=eos)
+    new = generate(model, ids.to(device), args.max_new_tokens, args.temperature, args.top_k, args.top_p, eos)[0]
     seconds = time.perf_counter() - t0
-    new = out[0, ids.shape[1]:]
     print(args.prompt + tok.decode(new, skip_special_tokens=True))
     print(f"[{len(new)} tokens in {seconds:.2f}s, {len(new) / seconds:.1f} tokens/s]", file=sys.stderr)
     return 0

@@ -26,11 +26,12 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary tables (seq_len, head_dim), computed in float32 each call: no buffers to keep in sync
-    across dtype casts, sharding or compile, and the cost is negligible next to attention."""
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device, start: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary tables (seq_len, head_dim) for positions start.., computed in float32 each call: no
+    buffers to keep in sync across dtype casts, sharding or compile, and the cost is negligible."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    freqs = torch.outer(torch.arange(start, start + seq_len, device=device, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 
@@ -45,6 +46,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+class KVCache:
+    """Keys and values of every layer, preallocated for max_len positions, so that decoding a token
+    costs one pass over the weights and no reallocation. `pos` is the number of positions filled."""
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.layers = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+                       for _ in range(cfg.num_hidden_layers)]
+        self.max_len = max_len
+        self.pos = 0
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -54,13 +67,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv != self.n_heads)
+        mask, causal = None, True
+        if kv is not None:  # decoding: append to the cache and attend to everything written so far
+            kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v
+            k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
+            causal = T > 1 and pos == 0
+            if T > 1 and pos > 0:  # a chunk after earlier tokens: query i sees keys up to pos + i
+                mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -85,8 +107,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -117,15 +140,31 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) and, given targets, the mean cross-entropy (ignore_index -100)."""
-        x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
-        logits = self.lm_head(self.norm(x))
+        logits = self.lm_head(self.hidden_states(input_ids))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, hidden). With a cache, input_ids continue the sequence
+        held in it (positions cache.pos..) and their keys and values are appended."""
+        pos = cache.pos if cache is not None else 0
+        if cache is not None and pos + input_ids.shape[1] > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {pos + input_ids.shape[1]} needed")
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device, pos)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, pos)
+        if cache is not None:
+            cache.pos += input_ids.shape[1]
+        return self.norm(x)
+
+    @torch.no_grad()
+    def next_token_logits(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (B, vocab) for the token after input_ids, which continue the cached sequence. Only
+        the last position goes through the LM head: that matmul is the largest in a small model."""
+        return self.lm_head(self.hidden_states(input_ids, cache)[:, -1]).float()
 
     def num_params(self, embedding: bool = True) -> int:
         """Parameter count. With embedding=False the lookup table is left out (unless it is tied to

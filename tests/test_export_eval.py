@@ -46,6 +46,23 @@ def test_export_loads_in_transformers_without_custom_code(tmp_path, run, capsys)
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
 
 
+def test_generate_cli_on_run_and_export_agree(tmp_path, run, capsys):
+    """The same seed gives the same text from the run directory and from its exported folder."""
+    from accel_pretrain import export, generate
+
+    assert run_cli(export.main, [str(run), str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    texts = []
+    for src in (run, tmp_path / "hf"):
+        assert run_cli(generate.main, [str(src), "--prompt", "Document 3: the", "--max_new_tokens", "12",
+                                       "--seed", "5"]) == 0
+        out, err = capsys.readouterr()
+        assert out.startswith("Document 3: the") and len(out) > len("Document 3: the") + 1
+        assert "tokens/s" in err
+        texts.append(out)
+    assert texts[0] == texts[1]
+
+
 def test_evaluate_matches_llama_loss_and_training_eval(run, data_dir, capsys):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from accel_pretrain.config import PRESETS, ModelConfig
 from accel_pretrain.errors import UserError
 from accel_pretrain.hf import from_hf_config, from_hf_pretrained, to_hf_model, to_hf_state_dict
-from accel_pretrain.model import Transformer
+from accel_pretrain.model import KVCache, Transformer
 
 SHAPES = [  # (tie, heads, kv heads, rope_theta, seq_len)
     (True, 4, 2, 10000.0, 7),
@@ -93,6 +93,60 @@ def test_presets_sizes_and_flops():
     m = Transformer(small_config(False, 4, 2, 1e4))
     n = m.num_params() - m.embed_tokens.weight.numel()
     assert m.flops_per_token(32) == 6 * n + 12 * 3 * 64 * 32
+
+
+@pytest.mark.parametrize("tie, heads, kv, theta, T", SHAPES)
+def test_kv_cache_decoding_matches_full_forward(tie, heads, kv, theta, T):
+    """Prompt in one pass, then a chunk of 3 at an offset (the masked path), then single tokens:
+    every step's next-token logits equal the uncached forward's at that position."""
+    torch.manual_seed(0)
+    m = Transformer(small_config(tie, heads, kv, theta)).eval()
+    x = torch.randint(0, 211, (2, T + 8))
+    full = m(x)[0]
+    cache = KVCache(m.config, 2, T + 8, x.device, torch.float32)
+    pieces = [(0, T), (T, T + 3)] + [(i, i + 1) for i in range(T + 3, T + 8)]
+    for a, b in pieces:
+        got = m.next_token_logits(x[:, a:b], cache)
+        assert (got - full[:, b - 1]).abs().max().item() < 1e-5, (a, b)
+    assert cache.pos == T + 8
+    with pytest.raises(ValueError, match="KV cache holds"):
+        m.next_token_logits(x[:, :1], cache)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_generate_matches_llama_generate(temperature):
+    """Our cached decoding and samplers give token for token what transformers' generate() gives
+    for the same weights and seed, greedy and sampled (temperature, top-k and top-p together)."""
+    from accel_pretrain.generate import generate
+
+    torch.manual_seed(0)
+    m = Transformer(small_config(False, 4, 2, 1e4)).eval()
+    hf = to_hf_model(m)
+    x = torch.randint(0, 211, (1, 5))
+    kw = dict(do_sample=True, temperature=temperature, top_k=20, top_p=0.9) if temperature else dict(do_sample=False)
+    torch.manual_seed(3)
+    ours = generate(m, x, 24, temperature, top_k=20, top_p=0.9)
+    torch.manual_seed(3)
+    ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=24, min_new_tokens=24, pad_token_id=0, **kw)
+    assert ours.shape == (1, 24) and torch.equal(ours, ref[:, 5:])
+    assert len(set(ours[0].tolist())) > 3  # a random model does not collapse to one token
+
+
+def test_generate_stops_at_eos_and_pads_finished_rows():
+    from accel_pretrain.generate import generate
+
+    torch.manual_seed(0)
+    m = Transformer(small_config(True, 4, 2, 1e4)).eval()
+    x = torch.randint(0, 211, (2, 4))
+    free = generate(m, x, 12, temperature=0)
+    eos = int(free[0, 2])  # make row 0 finish at its third token
+    out = generate(m, x, 12, temperature=0, eos_token_id=eos)
+    assert (out[0, 2:] == eos).all() and torch.equal(out[0, :3], free[0, :3])
+    hits = (free[1] == eos).nonzero()
+    if len(hits):  # row 1 stops where it first writes eos
+        assert torch.equal(out[1, :hits[0] + 1], free[1, :hits[0] + 1]) and (out[1, hits[0]:] == eos).all()
+    else:
+        assert out.shape[1] == 12 and torch.equal(out[1], free[1])
 
 
 def test_forward_loss_is_mean_cross_entropy():
