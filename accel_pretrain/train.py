@@ -191,6 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
         return m
 
+    # The first optimizer step whose gradient norm was not finite (0: none), kept on the device and
+    # read only where the loop syncs anyway (log, eval, save): no host sync per step on a GPU.
+    bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    bad_norm = torch.zeros((), device=accelerator.device)
+
+    def check_finite() -> None:
+        if first := int(bad_step):
+            raise_nonfinite(log, first, bad_norm, list_checkpoints(run))
+
     fp16_skips = 0
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
                disable=None if accelerator.is_local_main_process else True)
@@ -215,8 +224,10 @@ def main(argv: list[str] | None = None) -> int:
                     loss_sum += loss.detach()
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-                        if mixed != "fp16" and not torch.isfinite(grad_norm):
-                            raise_nonfinite(log, step + 1, grad_norm, list_checkpoints(run))
+                        if mixed != "fp16":  # under fp16 the scaler skips such steps itself
+                            new_bad = (bad_step == 0) & ~torch.isfinite(grad_norm)
+                            bad_step = torch.where(new_bad, step + 1, bad_step)
+                            bad_norm = torch.where(new_bad, grad_norm.float(), bad_norm)
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
@@ -228,7 +239,13 @@ def main(argv: list[str] | None = None) -> int:
             done = step + 1
             bar.update(1)
 
-            if done % cfg.log_interval == 0 or done == 1 or done == cfg.max_steps:
+            stopping = _agree(accelerator, stop.requested)
+            logging = done % cfg.log_interval == 0 or done == 1 or done == cfg.max_steps
+            evaluating = done % cfg.eval_interval == 0 or done == cfg.max_steps
+            saving = done % cfg.save_interval == 0 or done == cfg.max_steps or stopping
+            if logging or evaluating or saving:
+                check_finite()
+            if logging:
                 now = time.perf_counter()
                 tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
                 t_last, tokens_last = now, tokens_seen
@@ -242,12 +259,11 @@ def main(argv: list[str] | None = None) -> int:
                 log.write(record)
                 accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=done)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
-            if done % cfg.eval_interval == 0 or done == cfg.max_steps:
+            if evaluating:
                 m = evaluate(done)
                 if accelerator.is_main_process:
                     bar.write(f"step {done}: val_loss {m['loss']:.4f}, ppl {m['perplexity']:.2f}")
-            stopping = _agree(accelerator, stop.requested)
-            if done % cfg.save_interval == 0 or done == cfg.max_steps or stopping:
+            if saving:
                 save_checkpoint(accelerator, run, done, train_state(done), cfg.keep_checkpoints)
             if stopping:
                 accelerator.print(f"\nstopped by signal at step {done}; checkpoint saved, continue with --resume")
