@@ -1,12 +1,14 @@
 """Training throughput: our step as `accel_pretrain.train` runs it (through Accelerate) against
-(a) a bare PyTorch loop of the same model and batch and (b) the machine's dense matmul
-throughput in the same precision, all measured in this run.
+(a) a bare PyTorch loop of the same model and batch and (b) the device's dense matmul
+throughput in the same precision, all measured in this run. Runs on the GPU when there is one.
 
-    python benchmarks/train_bench.py [--preset small] [--block_size 256] [--micro_batch_size 8]
-        [--precision no bf16] [--steps 12] [--repeats 3]
+    python benchmarks/train_bench.py [--preset small] [--vocab 8192] [--block_size 256]
+        [--micro_batch_size 8] [--precision no bf16] [--steps 12] [--repeats 3] [--compile]
+        [--max_batch]
 
 Prints medians and the ratios (targets on CPU: Accelerate >= 0.97 of bare; fp32 >= 0.75 and
-bf16 >= 0.50 of matmul)."""
+bf16 >= 0.50 of matmul). On a GPU it adds MFU against the data-sheet peak, peak memory, and
+with --max_batch the largest micro-batch that fits."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +19,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,98 +33,147 @@ from _common import machine, median_time  # noqa: E402
 from accel_pretrain.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from accel_pretrain.model import Transformer  # noqa: E402
 from accel_pretrain.optim import build_optimizer  # noqa: E402
+from accel_pretrain.tracking import peak_flops  # noqa: E402
 
-VOCAB = 8192
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def make_data(root: Path) -> Path:
+def synced(fn: Callable[[], object]) -> Callable[[], None]:
+    """fn, then wait for the GPU, so wall time is the device's time too."""
+    def run() -> None:
+        fn()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+    return run
+
+
+def make_data(root: Path, vocab: int) -> Path:
     """Random ids in the prepared-data layout: throughput does not depend on the text."""
     rng = np.random.default_rng(0)
     d = root / "data"
     d.mkdir()
-    train, valid = rng.integers(0, VOCAB, 2_000_000, dtype=np.uint16), rng.integers(0, VOCAB, 50_000, dtype=np.uint16)
+    dtype = np.uint16 if vocab <= 65536 else np.uint32
+    train, valid = rng.integers(0, vocab, 4_000_000, dtype=dtype), rng.integers(0, vocab, 100_000, dtype=dtype)
     np.save(d / "train_ids.npy", train)
     np.save(d / "valid_ids.npy", valid)
-    (d / "meta.json").write_text(json.dumps({"vocab_size": VOCAB, "dtype": "uint16", "eos_token_id": 0,
+    (d / "meta.json").write_text(json.dumps({"vocab_size": vocab, "dtype": np.dtype(dtype).name, "eos_token_id": 0,
                                              "train_tokens": len(train), "valid_tokens": len(valid)}))
     return d
 
 
-def matmul_flops(precision: str, n: int = 2048, repeats: int = 5) -> float:
-    """A square n x n matmul through F.linear, the kernel nn.Linear's forward runs: on CPUs without
+def matmul_flops(precision: str, repeats: int = 5) -> float:
+    """A square matmul through F.linear, the kernel nn.Linear's forward runs: on CPUs without
     native bf16 it is also the fastest bf16 layout (a plain `a @ b` can be 10x slower there)."""
+    n = 8192 if DEVICE.type == "cuda" else 2048
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    F.linear(a, b)
-    return 2 * n ** 3 / median_time(lambda: F.linear(a, b), repeats)
+    a, b = (torch.randn(n, n, dtype=dtype, device=DEVICE) for _ in range(2))
+    synced(lambda: F.linear(a, b))()
+    return 2 * n ** 3 / median_time(synced(lambda: F.linear(a, b)), repeats)
 
 
-def bare_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, precision: str) -> float:
+def bare_step(cfg: ModelConfig, args: argparse.Namespace, precision: str, micro_batch: int) -> Callable[[], None]:
     """The same model, batch, AdamW and clipping in plain PyTorch: no Accelerate."""
     torch.manual_seed(0)
-    model = Transformer(cfg)
-    opt = build_optimizer(model, TrainConfig(), fused=False)
-    x = torch.randint(0, VOCAB, (args.micro_batch_size, args.block_size + 1))
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    model = Transformer(cfg).to(DEVICE)
+    opt = build_optimizer(model, TrainConfig(), fused=DEVICE.type == "cuda")
+    forward = torch.compile(model) if args.compile else model
+    x = torch.randint(0, cfg.vocab_size, (micro_batch, args.block_size + 1), device=DEVICE)
+    ctx = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
     def step() -> None:
         with ctx:
-            _, loss = model(x[:, :-1], x[:, 1:])
+            _, loss = forward(x[:, :-1], x[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return synced(step)
+
+
+def bare_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, precision: str) -> tuple[float, float]:
+    """Tokens/s of the bare loop and its peak device memory in GiB (0 on CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step = bare_step(cfg, args, precision, args.micro_batch_size)
     step()
+    step()  # compile and allocator warm-up
     per_step = median_time(step, args.steps)
-    return args.micro_batch_size * args.block_size / per_step
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if DEVICE.type == "cuda" else 0.0
+    return args.micro_batch_size * args.block_size / per_step, peak
+
+
+def largest_micro_batch(cfg: ModelConfig, args: argparse.Namespace, precision: str) -> int:
+    """Doubles the micro-batch from --micro_batch_size until a step runs out of GPU memory."""
+    fits, mb = 0, args.micro_batch_size
+    while True:
+        try:
+            bare_step(cfg, args, precision, mb)()
+        except torch.cuda.OutOfMemoryError:
+            return fits
+        finally:
+            torch.cuda.empty_cache()
+        fits, mb = mb, mb * 2
 
 
 def accelerate_tokens_per_s(data: Path, root: Path, args: argparse.Namespace, precision: str, i: int) -> float:
-    """accel_pretrain.train itself; the median of its logged per-step throughput after step 1."""
+    """accel_pretrain.train itself; the median of its logged per-step throughput after step 2."""
     from accelerate.state import AcceleratorState, GradientState
 
     from accel_pretrain.train import main
 
     run = root / f"run-{precision}-{i}"
     main(["--data", str(data), "--out", str(run), "--preset", args.preset, "--block_size", str(args.block_size),
-          "--micro_batch_size", str(args.micro_batch_size), "--max_steps", str(args.steps + 1), "--log_interval", "1",
-          "--eval_interval", "100000", "--eval_iters", "1", "--save_interval", "100000", "--mixed_precision", precision])
+          "--micro_batch_size", str(args.micro_batch_size), "--max_steps", str(args.steps + 2), "--log_interval", "1",
+          "--eval_interval", "100000", "--eval_iters", "1", "--save_interval", "100000", "--mixed_precision", precision]
+         + (["--compile"] if args.compile else []))
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     lines = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
-    return statistics.median(r["tokens_per_s"] for r in lines if "loss" in r and 1 < r["step"] <= args.steps + 1)
+    return statistics.median(r["tokens_per_s"] for r in lines if "loss" in r and 2 < r["step"] <= args.steps + 2)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small")
+    p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--block_size", type=int, default=256)
     p.add_argument("--micro_batch_size", type=int, default=8)
     p.add_argument("--precision", nargs="+", default=["no", "bf16"], choices=["no", "bf16"])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile in both loops")
+    p.add_argument("--max_batch", action="store_true", help="GPU: also find the largest micro-batch that fits")
     args = p.parse_args()
-    cfg = dataclasses.replace(ModelConfig(), vocab_size=VOCAB, **PRESETS[args.preset])
+    cfg = dataclasses.replace(ModelConfig(), vocab_size=args.vocab, **PRESETS[args.preset])
     fpt = Transformer(cfg).flops_per_token(args.block_size)
-    print(f"machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"model: {args.preset}, vocab {VOCAB}, block {args.block_size}, micro batch {args.micro_batch_size}, "
-          f"{fpt / 1e6:.1f} MFLOP per token")
+    where = machine() if DEVICE.type == "cpu" else torch.cuda.get_device_name()
+    print(f"device: {where}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"model: {args.preset}, vocab {args.vocab}, block {args.block_size}, micro batch {args.micro_batch_size}, "
+          f"{fpt / 1e6:.1f} MFLOP per token{', compiled' if args.compile else ''}; medians of {args.repeats}")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        data = make_data(root)
+        data = make_data(root, args.vocab)
         for precision in args.precision:
             runs = []
             for i in range(args.repeats):  # interleaved, so drifting machine load hits all three alike
-                runs.append((matmul_flops(precision), bare_tokens_per_s(cfg, args, precision),
+                runs.append((matmul_flops(precision), *bare_tokens_per_s(cfg, args, precision),
                              accelerate_tokens_per_s(data, root, args, precision, i)))
-            mm, bare, acc = (statistics.median(r[j] for r in runs) for j in range(3))
+            mm, bare, mem, acc = (statistics.median(r[j] for r in runs) for j in range(4))
             name = "fp32" if precision == "no" else "bf16"
-            print(f"\n[{name}] dense 2048^2 matmul:   {mm / 1e9:8.1f} GFLOP/s")
-            print(f"[{name}] bare PyTorch loop:      {bare:8.0f} tokens/s  {bare * fpt / 1e9:6.1f} GFLOP/s")
-            print(f"[{name}] accel_pretrain.train:   {acc:8.0f} tokens/s  {acc * fpt / 1e9:6.1f} GFLOP/s")
+            print(f"\n[{name}] dense matmul:           {mm / 1e9:8.1f} GFLOP/s")
+            print(f"[{name}] bare PyTorch loop:      {bare:8.0f} tokens/s  {bare * fpt / 1e9:8.1f} GFLOP/s")
+            print(f"[{name}] accel_pretrain.train:   {acc:8.0f} tokens/s  {acc * fpt / 1e9:8.1f} GFLOP/s")
             print(f"[{name}] accelerate / bare:      {acc / bare:.3f}")
             print(f"[{name}] achieved / matmul:      {acc * fpt / mm:.3f}")
+            peak = peak_flops(DEVICE, precision, None)
+            if peak:
+                print(f"[{name}] MFU (data-sheet peak):  {acc * fpt / peak:.3f}")
+            if DEVICE.type == "cuda":
+                print(f"[{name}] peak memory, bare loop: {mem:.1f} GiB")
+                if args.max_batch:
+                    print(f"[{name}] largest micro-batch:    {largest_micro_batch(cfg, args, precision)} "
+                          f"at block {args.block_size}")
 
 
 if __name__ == "__main__":
