@@ -19,7 +19,7 @@ from .errors import UserError, run_cli
 from .model import KVCache, Transformer
 
 
-@torch.no_grad()
+@torch.inference_mode()  # lighter than no_grad: no version counters on the many small decode ops
 def generate(model: Transformer, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
              top_k: int = 50, top_p: float = 0.95, eos_token_id: int | None = None) -> torch.Tensor:
     """New tokens (B, <= max_new_tokens) after the prompt ids (B, T): the prompt in one pass, then one
@@ -30,11 +30,14 @@ def generate(model: Transformer, ids: torch.Tensor, max_new_tokens: int, tempera
     if temperature > 0 and top_p < 1:
         warpers.append(TopPLogitsWarper(top_p))
     model.eval()
+    # MKL reads the (vocab, hidden) head at batch 1 at ~13 GB/s but a (hidden, vocab) matrix at
+    # ~20 GB/s, and decoding is memory-bound: on CPU one transposed copy makes each token ~9% faster.
+    head_t = model.lm_head.weight.detach().t().contiguous() if ids.device.type == "cpu" else None
     cache = KVCache(model.config, ids.shape[0], ids.shape[1] + max_new_tokens, ids.device, model.lm_head.weight.dtype)
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     seq = ids
     for _ in range(max_new_tokens):
-        logits = model.next_token_logits(seq[:, cache.pos:], cache)
+        logits = model.next_token_logits(seq[:, cache.pos:], cache, head_t)
         if temperature > 0:
             if 0 < top_k < logits.shape[-1]:  # top-k first, so top-p sorts k scores, not the vocabulary
                 top, idx = logits.topk(top_k, dim=-1)

@@ -105,8 +105,9 @@ def test_kv_cache_decoding_matches_full_forward(tie, heads, kv, theta, T):
     full = m(x)[0]
     cache = KVCache(m.config, 2, T + 8, x.device, torch.float32)
     pieces = [(0, T), (T, T + 3)] + [(i, i + 1) for i in range(T + 3, T + 8)]
+    head_t = m.lm_head.weight.detach().t().contiguous()  # generate's CPU layout, on the single steps
     for a, b in pieces:
-        got = m.next_token_logits(x[:, a:b], cache)
+        got = m.next_token_logits(x[:, a:b], cache, head_t if b - a == 1 else None)
         assert (got - full[:, b - 1]).abs().max().item() < 1e-5, (a, b)
     assert cache.pos == T + 8
     with pytest.raises(ValueError, match="KV cache holds"):
