@@ -67,3 +67,15 @@ def data_dir(tmp_path_factory) -> Path:
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(400, seed=3)), encoding="utf-8")
     assert main([str(corpus), "--out", str(root / "data"), "--vocab_size", "512"]) == 0
     return root / "data"
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_dir) -> Path:
+    """A finished 6-step tiny run with one checkpoint, shared read-only by the export, evaluate and
+    bad-input tests (a test that must change a run copies it)."""
+    from tests.helpers import TINY, train
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert train("--data", data_dir, "--out", run, *TINY, "--max_steps", 6, "--eval_interval", 6,
+                 "--save_interval", 6) == 0
+    return run

@@ -13,14 +13,6 @@ from accel_pretrain.errors import run_cli
 from tests.helpers import ROOT, TINY, train
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
-    run = tmp_path_factory.mktemp("trained") / "run"
-    assert train("--data", data_dir, "--out", run, *TINY, "--max_steps", 2, "--eval_interval", 2,
-                 "--save_interval", 2) == 0
-    return run
-
-
 def one_line_error(capsys, expected: str) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
@@ -86,25 +78,25 @@ def test_yaml_config_unknown_key_and_type(tmp_path, data_dir, capsys):
     one_line_error(capsys, "max_steps must be int")
 
 
-def test_occupied_run_dir_and_resume_mismatches(tmp_path, data_dir, trained, capsys):
-    before = sorted(p.name for p in trained.rglob("*"))
-    assert train("--data", data_dir, "--out", trained, *TINY, "--max_steps", 2) == 2
+def test_occupied_run_dir_and_resume_mismatches(tmp_path, data_dir, trained_run, capsys):
+    before = sorted(p.name for p in trained_run.rglob("*"))
+    assert train("--data", data_dir, "--out", trained_run, *TINY, "--max_steps", 2) == 2
     one_line_error(capsys, "already holds a run")
-    assert train("--data", data_dir, "--out", trained, *TINY, "--max_steps", 4, "--resume",
+    assert train("--data", data_dir, "--out", trained_run, *TINY, "--max_steps", 4, "--resume",
                  "--num_hidden_layers", 3) == 2
     one_line_error(capsys, "the model shape differs (num_hidden_layers 2 -> 3)")
     other = broken_data(tmp_path, data_dir, "none")
     meta = json.loads((other / "meta.json").read_text())
     meta["seed"] = 999
     (other / "meta.json").write_text(json.dumps(meta))
-    assert train("--data", other, "--out", trained, *TINY, "--max_steps", 4, "--resume") == 2
+    assert train("--data", other, "--out", trained_run, *TINY, "--max_steps", 4, "--resume") == 2
     one_line_error(capsys, "trained on other data")
     assert train("--data", data_dir, "--out", tmp_path / "fresh", *TINY, "--resume") == 2
     one_line_error(capsys, "holds no checkpoint")
-    assert sorted(p.name for p in trained.rglob("*")) == before
+    assert sorted(p.name for p in trained_run.rglob("*")) == before
 
 
-def test_export_evaluate_generate_bad_input(tmp_path, data_dir, trained, capsys):
+def test_export_evaluate_generate_bad_input(tmp_path, data_dir, trained_run, capsys):
     from accel_pretrain import evaluate, export, generate
 
     empty = tmp_path / "empty_run"
@@ -115,13 +107,13 @@ def test_export_evaluate_generate_bad_input(tmp_path, data_dir, trained, capsys)
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "mine.txt").write_text("keep")
-    assert run_cli(export.main, [str(trained), str(occupied)]) == 2
+    assert run_cli(export.main, [str(trained_run), str(occupied)]) == 2
     one_line_error(capsys, "already exists")
     assert (occupied / "mine.txt").read_text() == "keep"
 
-    assert run_cli(evaluate.main, [str(trained), "--data", str(tmp_path / "nowhere")]) == 2
+    assert run_cli(evaluate.main, [str(trained_run), "--data", str(tmp_path / "nowhere")]) == 2
     one_line_error(capsys, "not found")
-    assert run_cli(evaluate.main, [str(trained), "--data", str(data_dir), "--block_size", "100000"]) == 2
+    assert run_cli(evaluate.main, [str(trained_run), "--data", str(data_dir), "--block_size", "100000"]) == 2
     one_line_error(capsys, "validation tokens")
     wide = broken_data(tmp_path, data_dir, "none")  # ids beyond the trained model's 512 entries
     meta = json.loads((wide / "meta.json").read_text())
@@ -129,12 +121,12 @@ def test_export_evaluate_generate_bad_input(tmp_path, data_dir, trained, capsys)
     ids[3] = 600
     np.save(wide / "valid_ids.npy", ids)
     (wide / "meta.json").write_text(json.dumps({**meta, "vocab_size": 1000}))
-    assert run_cli(evaluate.main, [str(trained), "--data", str(wide)]) == 2
+    assert run_cli(evaluate.main, [str(trained_run), "--data", str(wide)]) == 2
     one_line_error(capsys, "holds token id 600")
     assert run_cli(evaluate.main, [str(tmp_path / "nope"), "--data", str(data_dir)]) == 2
     one_line_error(capsys, "cannot load Hugging Face model")
 
-    assert run_cli(generate.main, [str(trained), "--prompt", "the", "--max_new_tokens", "0"]) == 2
+    assert run_cli(generate.main, [str(trained_run), "--prompt", "the", "--max_new_tokens", "0"]) == 2
     one_line_error(capsys, "--max_new_tokens >= 1")
     assert run_cli(generate.main, [str(empty), "--prompt", "the"]) == 2
     one_line_error(capsys, "holds no checkpoint")

@@ -10,31 +10,23 @@ import pytest
 import torch
 
 from accel_pretrain.errors import run_cli
-from tests.helpers import ROOT, TINY, train
+from tests.helpers import ROOT
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, data_dir):
-    out = tmp_path_factory.mktemp("exp") / "run"
-    assert train("--data", data_dir, "--out", out, *TINY, "--max_steps", 6, "--eval_interval", 6,
-                 "--save_interval", 6) == 0
-    return out
-
-
-def test_export_loads_in_transformers_without_custom_code(tmp_path, run, capsys):
+def test_export_loads_in_transformers_without_custom_code(tmp_path, trained_run, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, pipeline
 
     from accel_pretrain import export
     from accel_pretrain.checkpoint import model_from_checkpoint, resolve_checkpoint
 
     out = tmp_path / "hf"
-    assert run_cli(export.main, [str(run), str(out)]) == 0
+    assert run_cli(export.main, [str(trained_run), str(out)]) == 0
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     hf = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(hf, LlamaForCausalLM)
     assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()  # tied stays tied
-    ours = model_from_checkpoint(resolve_checkpoint(run)).eval()
+    ours = model_from_checkpoint(resolve_checkpoint(trained_run)).eval()
     x = torch.randint(0, ours.config.vocab_size, (2, 17))
     with torch.no_grad():
         assert (ours(x)[0] - hf(x).logits).abs().max().item() < 1e-5
@@ -42,18 +34,18 @@ def test_export_loads_in_transformers_without_custom_code(tmp_path, run, capsys)
     text = pipeline("text-generation", model=str(out))("Document 1: the", max_new_tokens=5, do_sample=False)
     assert text[0]["generated_text"].startswith("Document 1: the") and tok.eos_token == "<|endoftext|>"
 
-    assert run_cli(export.main, [str(run), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    assert run_cli(export.main, [str(trained_run), str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16
 
 
-def test_generate_cli_on_run_and_export_agree(tmp_path, run, capsys):
+def test_generate_cli_on_run_and_export_agree(tmp_path, trained_run, capsys):
     """The same seed gives the same text from the run directory and from its exported folder."""
     from accel_pretrain import export, generate
 
-    assert run_cli(export.main, [str(run), str(tmp_path / "hf")]) == 0
+    assert run_cli(export.main, [str(trained_run), str(tmp_path / "hf")]) == 0
     capsys.readouterr()
     texts = []
-    for src in (run, tmp_path / "hf"):
+    for src in (trained_run, tmp_path / "hf"):
         assert run_cli(generate.main, [str(src), "--prompt", "Document 3: the", "--max_new_tokens", "12",
                                        "--seed", "5"]) == 0
         out, err = capsys.readouterr()
@@ -63,17 +55,17 @@ def test_generate_cli_on_run_and_export_agree(tmp_path, run, capsys):
     assert texts[0] == texts[1]
 
 
-def test_evaluate_matches_llama_loss_and_training_eval(run, data_dir, capsys):
+def test_evaluate_matches_llama_loss_and_training_eval(tmp_path, trained_run, data_dir, capsys):
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM
 
     from accel_pretrain import evaluate, export
     from accel_pretrain.tracking import read_log
 
-    assert run_cli(evaluate.main, [str(run), "--data", str(data_dir), "--block_size", "32", "--batch_size", "3"]) == 0
+    assert run_cli(evaluate.main, [str(trained_run), "--data", str(data_dir), "--block_size", "32", "--batch_size", "3"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    hf_dir = run.parent / "hf"
-    assert run_cli(export.main, [str(run), str(hf_dir)]) == 0
+    hf_dir = tmp_path / "hf"  # the shared run is read-only
+    assert run_cli(export.main, [str(trained_run), str(hf_dir)]) == 0
     hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     ids = np.load(data_dir / "valid_ids.npy").astype(np.int64)
     losses, count = 0.0, 0
@@ -92,9 +84,9 @@ def test_evaluate_matches_llama_loss_and_training_eval(run, data_dir, capsys):
     targets = np.concatenate([ids[i + 1:i + 33] for i in range(0, len(ids) - 32, 32)])
     assert result["unigram_loss"] == pytest.approx(-np.log(counts[targets] / counts.sum()).mean(), rel=1e-9)
     # training's eval on the same first eval_iters x micro_batch_size windows reports the same number
-    assert run_cli(evaluate.main, [str(run), "--data", str(data_dir), "--max_windows", "8"]) == 0
+    assert run_cli(evaluate.main, [str(trained_run), "--data", str(data_dir), "--max_windows", "8"]) == 0
     limited = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    val = [r for r in read_log(run / "train_log.jsonl") if "val_loss" in r][-1]["val_loss"]
+    val = [r for r in read_log(trained_run / "train_log.jsonl") if "val_loss" in r][-1]["val_loss"]
     assert limited["loss"] == pytest.approx(val, rel=1e-6)
 
 
@@ -112,7 +104,7 @@ def test_all_launch_configs_present():
                      "fsdp", "deepspeed_zero2", "multi_node"}
 
 
-def test_fsdp_full_state_dict_checkpoint_exports(tmp_path, run, capsys):
+def test_fsdp_full_state_dict_checkpoint_exports(tmp_path, trained_run, capsys):
     """fsdp.yaml checkpoints hold pytorch_model_fsdp.bin instead of model.safetensors."""
     import shutil
 
@@ -122,9 +114,9 @@ def test_fsdp_full_state_dict_checkpoint_exports(tmp_path, run, capsys):
     from accel_pretrain import export
     from accel_pretrain.checkpoint import resolve_checkpoint
 
-    src = resolve_checkpoint(run)
+    src = resolve_checkpoint(trained_run)
     fsdp_run = tmp_path / "fsdp_run"
-    shutil.copytree(run, fsdp_run)
+    shutil.copytree(trained_run, fsdp_run)
     ckpt = fsdp_run / "checkpoints" / src.name
     state = load_file(str(ckpt / "model.safetensors"))
     (ckpt / "model.safetensors").unlink()
