@@ -8,7 +8,6 @@ Prints each group's share of the profiled CPU time (or CUDA time on a GPU) and t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import sys
 from collections import defaultdict
@@ -21,10 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
+from train_bench import DEVICE, bare_step  # noqa: E402
 
-from accel_pretrain.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
-from accel_pretrain.model import Transformer  # noqa: E402
-from accel_pretrain.optim import build_optimizer  # noqa: E402
+from accel_pretrain.config import PRESETS, ModelConfig  # noqa: E402
 
 GROUPS = [  # first match wins; names are aten operator names
     ("matmul (linear layers, LM head)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul")),
@@ -48,40 +46,23 @@ def main() -> None:
     p.add_argument("--precision", default="no", choices=["no", "bf16"])
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
     cfg = dataclasses.replace(ModelConfig(), vocab_size=args.vocab, **PRESETS[args.preset])
-    model = Transformer(cfg).to(device)
-    opt = build_optimizer(model, TrainConfig(), fused=device.type == "cuda")
-    x = torch.randint(0, args.vocab, (args.micro_batch_size, args.block_size + 1), device=device)
-    ctx = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
-           else contextlib.nullcontext())
-
-    def step() -> None:
-        with ctx:
-            _, loss = model(x[:, :-1], x[:, 1:])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = bare_step(cfg, args.block_size, args.micro_batch_size, args.precision)
     step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
     events = prof.key_averages()
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    attr = "self_device_time_total" if DEVICE.type == "cuda" else "self_cpu_time_total"
     total = sum(getattr(e, attr) for e in events) or 1.0
     groups: dict[str, float] = defaultdict(float)
     for e in events:
         groups[group_of(e.key)] += getattr(e, attr)
-    print(f"machine: {machine() if device.type == 'cpu' else torch.cuda.get_device_name()}; torch {torch.__version__}")
+    print(f"machine: {machine() if DEVICE.type == 'cpu' else torch.cuda.get_device_name()}; torch {torch.__version__}")
     print(f"model: {args.preset}, vocab {args.vocab}, block {args.block_size}, micro batch "
           f"{args.micro_batch_size}, {args.precision}; {args.steps} steps profiled, {total / 1e6 / args.steps:.2f} s "
-          f"of {'device' if device.type == 'cuda' else 'CPU'} time per step")
+          f"of {'device' if DEVICE.type == 'cuda' else 'CPU'} time per step")
     for name, t in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {100 * t / total:5.1f}%  {name}")
     print(events.table(sort_by=attr, row_limit=12))

@@ -71,13 +71,15 @@ def matmul_flops(precision: str, repeats: int = 5) -> float:
     return 2 * n ** 3 / median_time(synced(lambda: F.linear(a, b)), repeats)
 
 
-def bare_step(cfg: ModelConfig, args: argparse.Namespace, precision: str, micro_batch: int) -> Callable[[], None]:
-    """The same model, batch, AdamW and clipping in plain PyTorch: no Accelerate."""
+def bare_step(cfg: ModelConfig, block_size: int, micro_batch: int, precision: str, compile: bool = False
+              ) -> Callable[[], None]:
+    """The same model, batch, AdamW and clipping in plain PyTorch: no Accelerate. profile_step.py
+    profiles this very step."""
     torch.manual_seed(0)
     model = Transformer(cfg).to(DEVICE)
     opt = build_optimizer(model, TrainConfig(), fused=DEVICE.type == "cuda")
-    forward = torch.compile(model) if args.compile else model
-    x = torch.randint(0, cfg.vocab_size, (micro_batch, args.block_size + 1), device=DEVICE)
+    forward = torch.compile(model) if compile else model
+    x = torch.randint(0, cfg.vocab_size, (micro_batch, block_size + 1), device=DEVICE)
     ctx = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
     def step() -> None:
@@ -95,7 +97,7 @@ def bare_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, precision: str
     """Tokens/s of the bare loop and its peak device memory in GiB (0 on CPU)."""
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step = bare_step(cfg, args, precision, args.micro_batch_size)
+    step = bare_step(cfg, args.block_size, args.micro_batch_size, precision, args.compile)
     step()
     step()  # compile and allocator warm-up
     per_step = median_time(step, args.steps)
@@ -108,7 +110,7 @@ def largest_micro_batch(cfg: ModelConfig, args: argparse.Namespace, precision: s
     fits, mb = 0, args.micro_batch_size
     while True:
         try:
-            bare_step(cfg, args, precision, mb)()
+            bare_step(cfg, args.block_size, mb, precision, args.compile)()
         except torch.cuda.OutOfMemoryError:
             return fits
         finally:
