@@ -211,6 +211,10 @@ def _read_file(path: str) -> dict[str, Any]:
         if k not in MODEL_FIELDS:
             raise UserError(f"config file {path}: unknown model field {k!r}")
         flat[k] = v
+    if isinstance(flat.get("data"), list):  # a mixture: [DIR:WEIGHT, ...] or [{path: DIR, weight: W}, ...]
+        items = [f"{d['path']}:{d.get('weight', 1)}" if isinstance(d, dict) and "path" in d else str(d)
+                 for d in flat["data"]]
+        flat["data"] = ",".join(items)
     return flat
 
 

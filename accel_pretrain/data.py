@@ -1,5 +1,9 @@
 """Token data: memory-mapped ids from tokenization.prepare, random training windows, fixed eval windows.
 
+A data source is a prepared directory or a merged one (tokenization.merge: its meta.json lists
+shard directories, read in place). `--data a:0.7,b:0.3` mixes sources: each window comes from a
+source drawn with those weights. Windows never cross two shards.
+
 Training windows are a pure function of (seed, step, rank): no sampler state to checkpoint, so a
 resumed run draws exactly the windows the uninterrupted run would have drawn."""
 from __future__ import annotations
@@ -7,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -14,92 +19,214 @@ import torch
 from .errors import UserError
 
 REQUIRED = ("meta.json", "train_ids.npy", "valid_ids.npy")
+CHUNK = 1 << 24  # tokens per read when scanning a split
+
+
+def parse_data_spec(spec: str) -> list[tuple[str, float]]:
+    """'dir' -> [(dir, 1.0)]; 'a:0.7,b:0.3' -> [(a, 0.7), (b, 0.3)], weights normalised to sum 1."""
+    sources = []
+    for item in str(spec).split(","):
+        path, sep, weight = item.strip().rpartition(":")
+        try:
+            w = float(weight) if sep else 1.0
+        except ValueError:
+            path, w = item.strip(), 1.0
+        path = path if sep and path else item.strip()
+        if not path or not (w > 0 and np.isfinite(w)):
+            raise UserError(f"--data {spec!r}: each source is DIR or DIR:WEIGHT with a positive weight")
+        sources.append((path, w))
+    total = sum(w for _, w in sources)
+    return [(p, w / total) for p, w in sources]
+
+
+def _read_meta(d: Path) -> dict[str, Any]:
+    if d.is_file():
+        raise UserError(f"--data {d} is a file; data must be prepared first: "
+                        f"`python -m tokenization.prepare {d} --out data`, then --data data")
+    if not d.is_dir():
+        raise UserError(f"data directory {d} not found; create it with `python -m tokenization.prepare CORPUS --out {d}`")
+    if not (d / "meta.json").is_file():
+        raise UserError(f"data directory {d} is incomplete (missing meta.json); run tokenization.prepare again")
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+        int(meta["vocab_size"]), np.dtype(meta["dtype"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{d / 'meta.json'} is not a valid meta.json ({e}); run tokenization.prepare again") from None
+    return meta
+
+
+def _open_split(d: Path, meta: dict[str, Any], split: str) -> np.ndarray:
+    path = d / f"{split}_ids.npy"
+    try:
+        ids = np.load(path, mmap_mode="r")
+    except ValueError as e:
+        raise UserError(f"{path} is not a readable .npy file ({e})") from None
+    dtype = np.dtype(meta["dtype"])
+    if ids.ndim != 1 or ids.dtype != dtype:
+        raise UserError(f"{path} holds {ids.dtype} with shape {ids.shape}, but meta.json says 1-D {dtype}")
+    expected = meta.get(f"{split}_tokens")
+    if expected is not None and len(ids) != expected:
+        raise UserError(f"{path} has {len(ids)} tokens, but meta.json says {expected}")
+    return ids
+
+
+class Ids:
+    """One split (train or valid) of every source: groups (one per source) of memory-mapped arrays
+    (one per shard), addressed as if concatenated. A window lies inside one array."""
+
+    def __init__(self, groups: list[list[np.ndarray]], weights: list[float]):
+        self.groups, self.weights = groups, weights
+        self.parts = [a for g in groups for a in g]
+        self.offsets = np.cumsum([0] + [len(a) for a in self.parts])
+        self.group_of = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def shortest(self) -> int:
+        return min(len(a) for a in self.parts)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        for a in self.parts:
+            for i in range(0, len(a), CHUNK):
+                yield a[i:i + CHUNK]
+
+    def _starts_in_group(self, g: int, r: np.ndarray, block_size: int) -> np.ndarray:
+        """Map r in [0, sum of (len - block_size) over the group's arrays) to global window starts."""
+        first = int(np.searchsorted(self.group_of, g))
+        room = np.array([len(a) - block_size for a in self.groups[g]], dtype=np.int64)
+        cum = np.concatenate([[0], np.cumsum(room)])
+        part = np.searchsorted(cum, r, side="right") - 1
+        return self.offsets[first + part] + (r - cum[part])
+
+    def random_starts(self, rng: np.random.Generator, n: int, block_size: int) -> np.ndarray:
+        """n window starts, uniform over every possible window of the chosen source; with several
+        sources each window's source is drawn by weight first."""
+        if len(self.groups) == 1:
+            room = sum(len(a) - block_size for a in self.parts)
+            return self._starts_in_group(0, rng.integers(0, room, size=n), block_size)
+        which = rng.choice(len(self.groups), size=n, p=self.weights)
+        starts = np.empty(n, dtype=np.int64)
+        for g in range(len(self.groups)):
+            mask = which == g
+            room = sum(len(a) - block_size for a in self.groups[g])
+            starts[mask] = self._starts_in_group(g, rng.integers(0, room, size=int(mask.sum())), block_size)
+        return starts
+
+    def eval_starts(self, block_size: int, max_windows: int | None = None) -> np.ndarray:
+        """Consecutive non-overlapping windows of each array (0, T, 2T, ... while a window fits); with
+        several sources, max_windows is shared out by weight."""
+        per_group = []
+        for g, arrays in enumerate(self.groups):
+            first = int(np.searchsorted(self.group_of, g))
+            starts = np.concatenate([self.offsets[first + i] + np.arange(0, max(len(a) - block_size, 0), block_size)
+                                     for i, a in enumerate(arrays)]).astype(np.int64)
+            if max_windows is not None:
+                share = max_windows if len(self.groups) == 1 else max(1, round(max_windows * self.weights[g]))
+                starts = starts[:share]
+            per_group.append(starts)
+        return np.concatenate(per_group)
+
+    def windows(self, starts: np.ndarray, block_size: int) -> torch.Tensor:
+        """The windows [s, s + block_size + 1) as an int64 tensor (len(starts), block_size + 1)."""
+        part = np.searchsorted(self.offsets, starts, side="right") - 1
+        rows = [self.parts[p][s - self.offsets[p]:s - self.offsets[p] + block_size + 1] for p, s in zip(part, starts)]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
 class TokenData:
-    """A prepared data directory, checked against its meta.json before any training starts."""
+    """The prepared data of a run, checked against every meta.json before any training starts."""
 
-    def __init__(self, data_dir: str | Path):
-        self.dir = Path(data_dir)
-        if not self.dir.is_dir():
-            raise UserError(f"data directory {self.dir} not found; create it with `python -m tokenization.prepare CORPUS --out {self.dir}`")
-        missing = [name for name in REQUIRED if not (self.dir / name).is_file()]
-        if missing:
-            raise UserError(f"data directory {self.dir} is incomplete (missing {', '.join(missing)}); "
-                            "run tokenization.prepare again")
-        try:
-            self.meta = json.loads((self.dir / "meta.json").read_text())
-            self.vocab_size = int(self.meta["vocab_size"])
-            self.dtype = np.dtype(self.meta["dtype"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{self.dir / 'meta.json'} is not a valid meta.json ({e}); run tokenization.prepare again") from None
-        self.train = self._open("train")
-        self.valid = self._open("valid")
+    def __init__(self, spec: str | Path):
+        self.spec = str(spec)
+        self.sources = parse_data_spec(self.spec)
+        self.dir = Path(self.sources[0][0])
+        self.metas: list[dict[str, Any]] = []  # one per source
+        train_groups, valid_groups = [], []
+        for path, _ in self.sources:
+            d = Path(path)
+            meta = _read_meta(d)
+            shards = [(d / s).resolve() for s in meta["shards"]] if "shards" in meta else [d]
+            train, valid = [], []
+            for shard in shards:
+                smeta = meta if shard == d else _read_meta(shard)
+                missing = [name for name in REQUIRED if not (shard / name).is_file()]
+                if missing:
+                    raise UserError(f"data directory {shard} is incomplete (missing {', '.join(missing)}); "
+                                    "run tokenization.prepare again")
+                self._check_same_tokenizer(shard, smeta)
+                train.append(_open_split(shard, smeta, "train"))
+                valid.append(_open_split(shard, smeta, "valid"))
+            self.metas.append(meta)
+            train_groups.append(train)
+            valid_groups.append(valid)
+        self.meta = self.metas[0]
+        self.vocab_size = int(self.meta["vocab_size"])
+        weights = [w for _, w in self.sources]
+        self.train = Ids(train_groups, weights)
+        self.valid = Ids(valid_groups, weights)
 
-    def _open(self, split: str) -> np.ndarray:
-        path = self.dir / f"{split}_ids.npy"
-        try:
-            ids = np.load(path, mmap_mode="r")
-        except ValueError as e:
-            raise UserError(f"{path} is not a readable .npy file ({e})") from None
-        if ids.ndim != 1 or ids.dtype != self.dtype:
-            raise UserError(f"{path} holds {ids.dtype} with shape {ids.shape}, but meta.json says 1-D {self.dtype}")
-        expected = self.meta.get(f"{split}_tokens")
-        if expected is not None and len(ids) != expected:
-            raise UserError(f"{path} has {len(ids)} tokens, but meta.json says {expected}")
-        return ids
+    def _check_same_tokenizer(self, where: Path, meta: dict[str, Any]) -> None:
+        if not hasattr(self, "_first"):
+            self._first = (where, meta)
+            return
+        first_dir, first = self._first
+        sha, first_sha = meta.get("tokenizer_sha256"), first.get("tokenizer_sha256")
+        if (sha and first_sha and sha != first_sha) or meta["vocab_size"] != first["vocab_size"] \
+                or meta.get("eos_token_id") != first.get("eos_token_id"):
+            raise UserError(f"{where} was prepared with another tokenizer than {first_dir} ({meta.get('tokenizer')} vs "
+                            f"{first.get('tokenizer')}); every source and shard of a run needs the same tokenizer")
+
+    @property
+    def tokenizer_sha256(self) -> str | None:
+        return self.meta.get("tokenizer_sha256")
 
     def check_ids_below(self, vocab_size: int) -> None:
         """Every id must index the model's embedding; scanned in chunks so memory stays flat."""
         for split, ids in (("train", self.train), ("valid", self.valid)):
-            top = max((int(ids[i:i + (1 << 24)].max()) for i in range(0, len(ids), 1 << 24)), default=0)
+            top = max((int(c.max()) for c in ids.chunks() if len(c)), default=0)
             if top >= vocab_size:
                 raise UserError(f"{split}_ids.npy holds token id {top}, but the model's vocabulary has "
                                 f"{vocab_size} entries; the data and the model do not belong together")
 
     def check_block_size(self, block_size: int) -> None:
         for split, ids in (("train", self.train), ("valid", self.valid)):
-            if len(ids) < block_size + 1:
+            if ids.shortest() < block_size + 1:
+                where = "split" if len(ids.parts) == 1 else "split of one of its shards or sources"
                 raise UserError(f"block_size {block_size} needs at least {block_size + 1} tokens, but the {split} "
-                                f"split has {len(ids)}; lower --block_size or prepare more text")
+                                f"{where} has {ids.shortest()}; lower --block_size or prepare more text")
 
     def fingerprint(self) -> str:
         """Identifies the data a checkpoint was trained on, so resume can refuse other data."""
         keys = ("vocab_size", "dtype", "train_tokens", "valid_tokens", "eos_token_id", "sources", "seed")
-        blob = json.dumps({k: self.meta.get(k) for k in keys}, sort_keys=True)
+        metas = [{k: m.get(k) for k in keys} | ({"shards": m["shards"]} if "shards" in m else {}) for m in self.metas]
+        blob = json.dumps(metas[0] if len(metas) == 1 else [metas, [w for _, w in self.sources]], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     @property
     def bytes_per_token(self) -> float | None:
-        if self.meta.get("valid_bytes") and self.meta.get("valid_tokens"):
-            return self.meta["valid_bytes"] / self.meta["valid_tokens"]
-        return None
+        """UTF-8 bytes per validation token, weighted by source: converts nats per token to bits per byte."""
+        total = 0.0
+        for meta, (_, w) in zip(self.metas, self.sources):
+            if not (meta.get("valid_bytes") and meta.get("valid_tokens")):
+                return None
+            total += w * meta["valid_bytes"] / meta["valid_tokens"]
+        return total
 
 
-def step_windows(ids: np.ndarray, n: int, block_size: int, seed: int, step: int, rank: int) -> torch.Tensor:
+def step_windows(ids: Ids, n: int, block_size: int, seed: int, step: int, rank: int) -> torch.Tensor:
     """n random windows of block_size + 1 tokens for one optimizer step of one rank, shape (n, T+1).
 
     Split into micro-batches by the caller: accumulation 4 x 2 and 1 x 8 see the same 8 windows."""
     rng = np.random.default_rng([seed, step, rank])
-    return windows(ids, rng.integers(0, len(ids) - block_size, size=n), block_size)
+    return ids.windows(ids.random_starts(rng, n, block_size), block_size)
 
 
-def windows(ids: np.ndarray, starts: np.ndarray, block_size: int) -> torch.Tensor:
-    """The windows ids[s : s + block_size + 1] as an int64 tensor (len(starts), block_size + 1)."""
-    return torch.from_numpy(np.stack([ids[s:s + block_size + 1] for s in starts]).astype(np.int64))
-
-
-def eval_starts(n_tokens: int, block_size: int, max_windows: int | None = None) -> np.ndarray:
-    """Consecutive non-overlapping windows: i = 0, T, 2T, ... while i + T + 1 <= n_tokens."""
-    starts = np.arange(0, max(n_tokens - block_size, 0), block_size)
-    return starts if max_windows is None else starts[:max_windows]
-
-
-def unigram_loss(train: np.ndarray, targets: np.ndarray, vocab_size: int) -> float:
+def unigram_loss(train: Ids, targets: np.ndarray, vocab_size: int) -> float:
     """Cross-entropy (nats) of `targets` under the add-one-smoothed unigram distribution of the
     training ids: the baseline a language model must clearly beat."""
     counts = np.ones(vocab_size, dtype=np.float64)
-    for i in range(0, len(train), 1 << 24):
-        counts += np.bincount(train[i:i + (1 << 24)], minlength=vocab_size)[:vocab_size]
+    for chunk in train.chunks():
+        counts += np.bincount(chunk, minlength=vocab_size)[:vocab_size]
     logp = np.log(counts / counts.sum())
     return float(-logp[np.asarray(targets, dtype=np.int64)].mean())

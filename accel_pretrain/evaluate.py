@@ -11,22 +11,21 @@ import json
 import math
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import TokenData, eval_starts, unigram_loss, windows
+from .data import Ids, TokenData, unigram_loss
 from .errors import UserError, run_cli
 
 
 @torch.no_grad()
-def score(model: torch.nn.Module, ids: np.ndarray, block_size: int, batch_size: int, max_windows: int | None,
+def score(model: torch.nn.Module, ids: Ids, block_size: int, batch_size: int, max_windows: int | None,
           device: torch.device, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of target losses in nats, number of targets) over this rank's share of the windows.
 
     Every rank runs the same number of forwards (padding with weight-0 windows) so sharded models
     (FSDP) never wait on a rank that has finished."""
-    all_starts = eval_starts(len(ids), block_size, max_windows)
+    all_starts = ids.eval_starts(block_size, max_windows)
     starts = all_starts[rank::world]
     per_rank = math.ceil(len(all_starts) / world)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -38,7 +37,7 @@ def score(model: torch.nn.Module, ids: np.ndarray, block_size: int, batch_size: 
         weight = 1.0
         if len(chosen) == 0:
             chosen, weight = all_starts[:1], 0.0
-        xy = windows(ids, chosen, block_size).to(device)
+        xy = ids.windows(chosen, block_size).to(device)
         logits, _ = model(xy[:, :-1])
         losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), xy[:, 1:].reshape(-1), reduction="sum")
         loss_sum += weight * losses.double()
@@ -71,9 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     block = args.block_size or state.get("config", {}).get("block_size", 256)
     if block < 1 or args.batch_size < 1 or (args.max_windows is not None and args.max_windows < 1):
         raise UserError("--block_size, --batch_size and --max_windows must be at least 1")
-    if len(data.valid) < block + 1:
+    if data.valid.shortest() < block + 1:
         raise UserError(f"block_size {block} needs at least {block + 1} validation tokens; {args.data} has "
-                        f"{len(data.valid)}: pass a smaller --block_size")
+                        f"{data.valid.shortest()}: pass a smaller --block_size")
     if block > model.config.max_position_embeddings:
         raise UserError(f"--block_size {block} exceeds the model's max_position_embeddings "
                         f"{model.config.max_position_embeddings}")
@@ -81,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loss_sum, count = score(model.to(device), data.valid, block, args.batch_size, args.max_windows, device)
     result = metrics(loss_sum.item(), count.item(), data.bytes_per_token)
-    starts = eval_starts(len(data.valid), block, args.max_windows)
-    targets = np.concatenate([data.valid[s + 1:s + block + 1] for s in starts])
+    targets = data.valid.windows(data.valid.eval_starts(block, args.max_windows), block)[:, 1:].numpy()
     result["unigram_loss"] = unigram_loss(data.train, targets, model.config.vocab_size)
     print(json.dumps(result))
     return 0

@@ -1,10 +1,11 @@
 """Tokenization throughput and memory: `tokenization.prepare` end to end against the same tokenizer's
-raw batch encode of the same documents with all cores, measured in the same run.
+raw batch encode of the same text with all cores, measured in the same run, on two shapes of
+corpus: many documents (jsonl) and one document (a plain .txt, as nanoGPT's input.txt).
 
     python benchmarks/tokenize_bench.py [--tokenizer DIR] [--mb 24] [--repeats 3] [--rss_mb 1000]
 
 Prints each median, the ratio (target >= 0.85), and the peak RSS of a prepare run on an
-`--rss_mb` corpus (target < 1.5 GB at 1000 MB).
+`--rss_mb` corpus of each shape (target < 1.5 GB at 1000 MB).
 """
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,16 +39,37 @@ def paragraphs() -> list[str]:
     return list(module_documents(Path(sysconfig.get_paths()["stdlib"])))
 
 
-def write_corpus(path: Path, mb: float, paras: list[str], seed: int = 0) -> int:
-    """A jsonl corpus of about `mb` megabytes: documents of 1 to 20 shuffled paragraphs."""
+def write_corpus(path: Path, mb: float, paras: list[str], seed: int = 0) -> list[str]:
+    """A corpus of about `mb` megabytes: documents of 1 to 20 shuffled paragraphs, one JSON line each
+    (.jsonl), or all of them one after another as a single document (.txt). Returns the documents
+    when they are small enough to keep."""
     rng = random.Random(seed)
-    size = 0
+    size, docs = 0, []
+    one_doc = path.suffix == ".txt"
     with open(path, "w", encoding="utf-8") as f:
         while size < mb * 1e6:
             doc = "\n\n".join(rng.choice(paras) for _ in range(rng.randint(1, 20)))
-            f.write(json.dumps({"text": doc}) + "\n")
+            f.write(doc + "\n\n" if one_doc else json.dumps({"text": doc}) + "\n")
             size += len(doc.encode("utf-8"))
-    return size
+            if mb <= 100:
+                docs.append(doc)
+    return docs
+
+
+def prepare(corpus: Path, out: Path, tokenizer: str) -> dict:
+    subprocess.run([sys.executable, "-m", "tokenization.prepare", str(corpus), "--tokenizer", tokenizer,
+                    "--out", str(out), "--overwrite"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    return json.loads((out / "meta.json").read_text())
+
+
+def peak_rss_of_prepare(corpus: Path, out: Path, tokenizer: str) -> float:
+    """Peak RSS (bytes) of one prepare process, read by /usr/bin/time's wait4 through a shell-free child."""
+    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    res = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "tokenization.prepare", str(corpus),
+                          "--tokenizer", tokenizer, "--out", str(out), "--overwrite"],
+                         check=True, cwd=ROOT, capture_output=True, text=True)
+    return int(res.stdout.strip()) * 1024
 
 
 def main() -> None:
@@ -56,47 +77,45 @@ def main() -> None:
     p.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "gpt2"))
     p.add_argument("--mb", type=float, default=24.0)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--rss_mb", type=float, default=0.0, help="also measure peak RSS on a corpus this large")
+    p.add_argument("--rss_mb", type=float, default=0.0, help="also measure peak RSS on corpora this large")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
-
-    tmp = Path(tempfile.mkdtemp(prefix="tokbench-"))
-    corpus = tmp / "corpus.jsonl"
-    nbytes = write_corpus(corpus, args.mb, paragraphs())
-    docs = [json.loads(line)["text"] for line in corpus.open(encoding="utf-8")]
-    backend = AutoTokenizer.from_pretrained(args.tokenizer).backend_tokenizer
-
-    def raw() -> None:
-        [e.ids for e in backend.encode_batch_fast(docs, add_special_tokens=False)]
-
-    def prepare() -> None:
-        subprocess.run([sys.executable, "-m", "tokenization.prepare", str(corpus), "--tokenizer", args.tokenizer,
-                        "--out", str(tmp / "data"), "--overwrite"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-
-    def prepare_seconds() -> float:
-        prepare()
-        return json.loads((tmp / "data" / "meta.json").read_text())["seconds"]
-
-    raw_s = median_time(raw, args.repeats)
+    import shutil
     import statistics
 
-    e2e_s = statistics.median(prepare_seconds() for _ in range(args.repeats))
-    print(f"machine: {machine()}")
-    print(f"corpus: {nbytes / 1e6:.1f} MB, {len(docs)} documents; tokenizer: {args.tokenizer}")
-    print(f"raw batch encode (all cores):   {nbytes / raw_s / 1e6:6.2f} MB/s  (median of {args.repeats})")
-    print(f"tokenization.prepare end to end: {nbytes / e2e_s / 1e6:6.2f} MB/s  (median of {args.repeats}; read, encode, split, write)")
-    print(f"ratio: {raw_s / e2e_s:.3f}  (target >= 0.85)")
-    if args.rss_mb:
-        big = tmp / "big.jsonl"
-        size = write_corpus(big, args.rss_mb, paragraphs(), seed=1)
-        del docs
-        subprocess.run([sys.executable, "-m", "tokenization.prepare", str(big), "--tokenizer", args.tokenizer,
-                        "--out", str(tmp / "big"), "--overwrite"], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-        print(f"peak RSS of prepare on {size / 1e9:.2f} GB: {peak / 1e9:.2f} GB  (target < 1.5 GB)")
-    import shutil
+    from transformers import AutoTokenizer
 
+    backend = AutoTokenizer.from_pretrained(args.tokenizer).backend_tokenizer
+    tmp = Path(tempfile.mkdtemp(prefix="tokbench-"))
+    print(f"machine: {machine()}; tokenizer: {args.tokenizer}")
+    paras = paragraphs()
+    for shape, name in (("many documents", "corpus.jsonl"), ("one document", "corpus.txt")):
+        corpus = tmp / name
+        docs = write_corpus(corpus, args.mb, paras)
+        nbytes = corpus.stat().st_size
+        # The raw rate: the same text in encode_batch calls of whole documents, or of 64k-character
+        # slices of the one document (what a tokenizer can do at best, whatever prepare does).
+        texts = docs if shape == "many documents" else [t[i:i + (1 << 16)] for t in [corpus.read_text(encoding="utf-8")]
+                                                          for i in range(0, len(t), 1 << 16)]
+
+        def raw() -> None:
+            [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+        raw_s = median_time(raw, args.repeats)
+        e2e_s = statistics.median(prepare(corpus, tmp / "data", args.tokenizer)["seconds"] for _ in range(args.repeats))
+        print(f"[{shape}] corpus {nbytes / 1e6:.1f} MB, {len(docs)} documents")
+        print(f"  raw batch encode (all cores):    {nbytes / raw_s / 1e6:6.2f} MB/s  (median of {args.repeats})")
+        print(f"  tokenization.prepare end to end: {nbytes / e2e_s / 1e6:6.2f} MB/s  (median of {args.repeats}; "
+              "read, encode, split, write)")
+        print(f"  ratio: {raw_s / e2e_s:.3f}  (target >= 0.85)")
+        del docs, texts
+        if args.rss_mb:
+            big = tmp / f"big{corpus.suffix}"
+            write_corpus(big, args.rss_mb, paras, seed=1)
+            peak = peak_rss_of_prepare(big, tmp / "big", args.tokenizer)
+            print(f"  peak RSS of prepare on {big.stat().st_size / 1e9:.2f} GB: {peak / 1e9:.2f} GB  (target < 1.5 GB)")
+            big.unlink()
+            shutil.rmtree(tmp / "big", ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -1,6 +1,7 @@
 """Read documents from .txt/.jsonl/.json/.parquet files, directories, globs and HF dataset names.
 
-Every reader streams: a document is the largest thing held in memory, never the corpus.
+Every reader streams: a .txt document of any size arrives in parts of about PART_CHARS; a
+json/jsonl/parquet record is the largest thing held in memory, never the corpus.
 """
 from __future__ import annotations
 
@@ -10,9 +11,21 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from . import PrepareError
+
+FRAGMENT_BYTES = 1 << 20  # longest piece of a line read at once
+PART_CHARS = 1 << 20  # a long document is handed on in parts of about this many characters
+Part = tuple[str, bool]  # (text, ends the document)
+
+
+class DocPart(NamedTuple):
+    """Text of one document, or of part of one; `last` marks its end; `doc` = (source ordinal, index)."""
+
+    text: str
+    last: bool
+    doc: tuple[int, int]
 
 TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst"}
 JSON_SUFFIXES = {".jsonl", ".json"}
@@ -26,6 +39,7 @@ class Source:
 
     kind: str  # "file" or "hf"
     name: str
+    ordinal: int = 0  # position among all sources of the command line
     size_bytes: int | None = None
     sha256: str | None = None
     documents: int = 0
@@ -88,6 +102,8 @@ def resolve_sources(args: list[str], opts: ReadOptions) -> list[Source]:
             sources.append(Source("file", str(f), size_bytes=f.stat().st_size))
     if not sources:
         raise PrepareError("no input given: pass corpus files, directories, globs or dataset names")
+    for i, src in enumerate(sources):
+        src.ordinal = i
     return sources
 
 
@@ -98,13 +114,24 @@ def total_file_bytes(sources: list[Source]) -> int | None:
     return sum(s.size_bytes or 0 for s in sources)
 
 
-def _decode(raw: bytes, src: Source, where: str, errors: str) -> str:
-    try:
-        return raw.decode("utf-8", errors=errors)
-    except UnicodeDecodeError as e:
-        raise PrepareError(
-            f"{src.name}{where}: not valid UTF-8 (byte {e.start}); convert it to UTF-8 or pass --errors replace"
-        ) from None
+class _Decoder:
+    """Incremental UTF-8 decoding of a file read in fragments, with errors located by line."""
+
+    def __init__(self, src: Source, errors: str):
+        import codecs
+
+        self.src, self.errors = src, errors
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors)
+        self.lineno = 1
+
+    def __call__(self, raw: bytes, final: bool = False) -> str:
+        try:
+            text = self.decoder.decode(raw, final)
+        except UnicodeDecodeError as e:
+            raise PrepareError(f"{self.src.name}:{self.lineno}: not valid UTF-8 (byte {e.start} of the line); "
+                               "convert it to UTF-8 or pass --errors replace") from None
+        self.lineno += raw.count(b"\n")
+        return text
 
 
 def _check_not_binary(head: bytes, src: Source, errors: str) -> None:
@@ -112,50 +139,82 @@ def _check_not_binary(head: bytes, src: Source, errors: str) -> None:
         raise PrepareError(f"{src.name}: looks like a binary file (NUL bytes); pass only text corpora")
 
 
-def _read_lines(src: Source) -> Iterator[bytes]:
-    """Yield raw lines of a file while hashing it, so each source is read once."""
+def _read_fragments(src: Source, lines: bool = True) -> Iterator[bytes]:
+    """Yield a file's lines, a line longer than FRAGMENT_BYTES in several fragments (or, with
+    lines=False, blocks of FRAGMENT_BYTES), hashing the file as it goes so each source is read once
+    and nothing of any length is held whole."""
     h = hashlib.sha256()
     with open(src.name, "rb") as f:
-        for line in f:
-            h.update(line)
-            yield line
+        read = f.readline if lines else f.read
+        for raw in iter(lambda: read(FRAGMENT_BYTES), b""):
+            h.update(raw)
+            yield raw
     src.sha256 = h.hexdigest()
 
 
-def _iter_txt(src: Source, opts: ReadOptions) -> Iterator[str]:
+class _DocParts:
+    """One document assembled from text fragments and handed on in parts of about PART_CHARS, so a
+    document of any size streams. Trailing whitespace is held back until the document ends: an
+    all-blank document yields nothing and a document's final newlines can be dropped."""
+
+    def __init__(self) -> None:
+        self.buf: list[str] = []
+        self.size = 0
+        self.started = False
+
+    def add(self, text: str) -> Iterator[Part]:
+        self.buf.append(text)
+        self.size += len(text)
+        if self.size >= PART_CHARS:
+            joined = "".join(self.buf)
+            body = joined.rstrip()
+            self.buf, self.size = [joined[len(body):]], len(joined) - len(body)
+            if body:
+                self.started = True
+                yield body, False
+
+    def end(self, strip_newlines: bool) -> Iterator[Part]:
+        text = "".join(self.buf)
+        if strip_newlines:
+            text = text.rstrip("\r\n")
+        if self.started or text.strip():
+            yield text, True
+        self.buf, self.size, self.started = [], 0, False
+
+
+def _iter_txt(src: Source, opts: ReadOptions) -> Iterator[Part]:
     sep = opts.doc_separator
+    decode = _Decoder(src, opts.errors)
+    doc = _DocParts()
     first = True
-    if sep == "none":
-        raw = b"".join(_read_lines(src))
-        _check_not_binary(raw, src, opts.errors)
-        text = _decode(raw, src, "", opts.errors)
-        if text.strip():
-            yield text
-        return
-    buf: list[str] = []
-    for lineno, raw in enumerate(_read_lines(src), 1):
+    separators = 0
+    for raw in _read_fragments(src, lines=sep != "none"):
         if first:
             _check_not_binary(raw, src, opts.errors)
             first = False
-        line = _decode(raw, src, f":{lineno}", opts.errors)
-        if sep == "line":
-            doc = line.rstrip("\r\n")
-            if doc.strip():
-                yield doc
+        line = decode(raw)
+        if sep == "none":
+            yield from doc.add(line)
             continue
-        is_sep = (not line.strip()) if sep == "blank" else line.rstrip("\r\n") == sep
+        complete = raw.endswith(b"\n")
+        if sep == "line":
+            yield from doc.add(line)
+            if complete:
+                yield from doc.end(strip_newlines=True)
+            continue
+        is_sep = complete and ((not line.strip()) if sep == "blank" else line.rstrip("\r\n") == sep)
         if is_sep:
-            if buf:
-                doc = "".join(buf).rstrip("\r\n")
-                if doc.strip():
-                    yield doc
-                buf = []
+            separators += 1
+            yield from doc.end(strip_newlines=True)
         else:
-            buf.append(line)
-    if buf:
-        doc = "".join(buf).rstrip("\r\n")
-        if doc.strip():
-            yield doc
+            yield from doc.add(line)
+    tail = decode(b"", final=True)
+    if tail:
+        yield from doc.add(tail)
+    yield from doc.end(strip_newlines=sep != "none")
+    if sep not in ("none", "line", "blank") and separators == 0 and src.size_bytes:
+        raise PrepareError(f"{src.name}: the separator line {sep!r} never occurs, so the whole file would be one "
+                           "document; check --doc_separator (none, blank, line or a literal separator line)")
 
 
 def _field(record: object, src: Source, where: str, text_field: str) -> str:
@@ -167,31 +226,48 @@ def _field(record: object, src: Source, where: str, text_field: str) -> str:
     return value
 
 
-def _iter_json(src: Source, opts: ReadOptions) -> Iterator[str]:
-    lines = _read_lines(src)
-    for lineno, raw in enumerate(lines, 1):
-        if lineno == 1:
+def _iter_json(src: Source, opts: ReadOptions) -> Iterator[Part]:
+    decode = _Decoder(src, opts.errors)
+    fragments = _read_fragments(src)
+    line: list[bytes] = []
+    lineno = 0
+    for raw in fragments:
+        if lineno == 0 and not line:
             _check_not_binary(raw, src, opts.errors)
             if raw.lstrip().startswith(b"["):  # a JSON array: the one format that must be read whole
-                rest = raw + b"".join(lines)
                 try:
-                    records = json.loads(_decode(rest, src, "", opts.errors))
+                    records = json.loads(decode(raw + b"".join(fragments), final=True))
                 except json.JSONDecodeError as e:
                     raise PrepareError(f"{src.name}: invalid JSON ({e.msg} at line {e.lineno})") from None
                 for i, rec in enumerate(records):
-                    yield _field(rec, src, f"[{i}]", opts.text_field)
+                    if (text := _field(rec, src, f"[{i}]", opts.text_field)).strip():
+                        yield text, True
                 return
-        text = _decode(raw, src, f":{lineno}", opts.errors).strip()
+        line.append(raw)
+        if not raw.endswith(b"\n"):
+            continue  # a record longer than one fragment: it must be parsed whole
+        lineno += 1
+        text = decode(b"".join(line)).strip()
+        line = []
         if not text:
             continue
         try:
             rec = json.loads(text)
         except json.JSONDecodeError as e:
             raise PrepareError(f"{src.name}:{lineno}: invalid JSON line ({e.msg})") from None
-        yield _field(rec, src, f":{lineno}", opts.text_field)
+        if (doc := _field(rec, src, f":{lineno}", opts.text_field)).strip():
+            yield doc, True
+    text = decode(b"".join(line), final=True).strip()
+    if text:
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PrepareError(f"{src.name}:{lineno + 1}: invalid JSON line ({e.msg})") from None
+        if (doc := _field(rec, src, f":{lineno + 1}", opts.text_field)).strip():
+            yield doc, True
 
 
-def _iter_parquet(src: Source, opts: ReadOptions) -> Iterator[str]:
+def _iter_parquet(src: Source, opts: ReadOptions) -> Iterator[Part]:
     import pyarrow.parquet as pq
 
     try:
@@ -207,7 +283,8 @@ def _iter_parquet(src: Source, opts: ReadOptions) -> Iterator[str]:
         for value in batch.column(0).to_pylist():
             if value is None:
                 raise PrepareError(f"{src.name}: a record has an empty {opts.text_field!r} field")
-            yield value
+            if value.strip():
+                yield value, True
     h = hashlib.sha256()
     with open(src.name, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -215,7 +292,7 @@ def _iter_parquet(src: Source, opts: ReadOptions) -> Iterator[str]:
     src.sha256 = h.hexdigest()
 
 
-def _iter_hf(src: Source, opts: ReadOptions) -> Iterator[str]:
+def _iter_hf(src: Source, opts: ReadOptions) -> Iterator[Part]:
     import datasets
 
     try:
@@ -226,24 +303,36 @@ def _iter_hf(src: Source, opts: ReadOptions) -> Iterator[str]:
             f"{src.name}: not a file, directory or loadable Hugging Face dataset ({reason})"
         ) from None
     for i, rec in enumerate(ds):
-        yield _field(rec, src, f"[{i}]", opts.text_field)
+        if (text := _field(rec, src, f"[{i}]", opts.text_field)).strip():
+            yield text, True
 
 
-def iter_documents(sources: list[Source], opts: ReadOptions) -> Iterator[str]:
-    """All documents of all sources, in order. Empty documents are skipped."""
+def _source_parts(src: Source, opts: ReadOptions) -> Iterator[Part]:
+    if src.kind == "hf":
+        return _iter_hf(src, opts)
+    suffix = Path(src.name).suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        return _iter_json(src, opts)
+    if suffix in PARQUET_SUFFIXES:
+        return _iter_parquet(src, opts)
+    return _iter_txt(src, opts)
+
+
+def iter_documents(sources: list[Source], opts: ReadOptions, shard: tuple[int, int] | None = None
+                   ) -> Iterator[DocPart]:
+    """The text of every non-blank document of every source, in order, as parts (a long .txt
+    document arrives in several). Each part names its document as (source ordinal, index in that
+    source), the same whether or not the corpus is sharded. shard=(I, N) keeps documents I, I+N,
+    I+2N, ... of the whole stream; the other shards' documents are read and skipped."""
+    seen = 0
     for src in sources:
         src.documents = 0
-        if src.kind == "hf":
-            docs = _iter_hf(src, opts)
-        else:
-            suffix = Path(src.name).suffix.lower()
-            if suffix in JSON_SUFFIXES:
-                docs = _iter_json(src, opts)
-            elif suffix in PARQUET_SUFFIXES:
-                docs = _iter_parquet(src, opts)
-            else:
-                docs = _iter_txt(src, opts)
-        for doc in docs:
-            if doc.strip():
-                src.documents += 1
-                yield doc
+        index = 0
+        for text, last in _source_parts(src, opts):
+            mine = shard is None or seen % shard[1] == shard[0]
+            if mine:
+                yield DocPart(text, last, (src.ordinal, index))
+            if last:
+                src.documents += mine
+                index += 1
+                seen += 1

@@ -8,23 +8,31 @@ split copies ranges of that file into memory-mapped .npy files. Output appears a
 from __future__ import annotations
 
 import argparse
+import difflib
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 
 from . import PrepareError, __version__
-from .corpus import ReadOptions, iter_documents, resolve_sources, total_file_bytes
+from .corpus import DocPart, ReadOptions, Source, iter_documents, resolve_sources, total_file_bytes
 
 BATCH_CHARS = 2_000_000  # text per encode call: large enough to keep every core busy
+PIECE_CHARS = 1 << 16  # a longer document is encoded in pieces of about this size, cut at safe points
+MAX_PIECE_CHARS = 1 << 22  # with no safe point in this much text, a piece is cut anyway (counted in meta.json)
 COPY_TOKENS = 1 << 24  # tokens per copy when splitting, bounds memory in the final pass
+MAX_BYTES_PER_TOKEN = 100  # fewer tokens than one per this many bytes means the tokenizer drops text
+SEPARATOR_WORDS = ("none", "blank", "line")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,7 +52,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dataset_config", default=None, help="config name of a Hugging Face dataset")
     p.add_argument("--split", default="train", help="split of a Hugging Face dataset (default: train)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--num_shards", type=int, default=1,
+                   help="split the work across this many machines or processes (needs --tokenizer)")
+    p.add_argument("--shard_index", type=int, default=0, help="which shard this process prepares (0-based)")
     args = p.parse_args(argv)
+    if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
+        raise PrepareError(f"--shard_index {args.shard_index} must be in [0, --num_shards {args.num_shards})")
+    if args.num_shards > 1 and args.tokenizer is None:
+        raise PrepareError("sharded preparation needs one tokenizer for every shard: prepare a sample first and pass "
+                           "its tokenizer folder (--tokenizer SAMPLE_DIR/tokenizer), or name an AutoTokenizer")
+    sep = args.doc_separator
+    close = difflib.get_close_matches(sep.lower(), SEPARATOR_WORDS, n=1, cutoff=0.6)
+    if sep not in SEPARATOR_WORDS and close and re.fullmatch(r"[A-Za-z]+", sep):
+        raise PrepareError(f"--doc_separator {sep!r} would be a literal separator line; did you mean {close[0]!r}?")
     if not 0.0 < args.val_fraction < 0.5:
         raise PrepareError(f"--val_fraction {args.val_fraction} must be between 0 and 0.5")
     if args.num_proc < 1:
@@ -57,12 +77,37 @@ def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:  # OSError, ValueError, hub errors: all mean "cannot load this"
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = " (HF_HUB_OFFLINE=1 is set: only local folders and cached names work)" if offline else ""
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PrepareError(f"cannot load tokenizer {name_or_path!r}{hint}: {first}") from None
+    return tok
+
+
+def keep_every_token(tok) -> None:
+    """Truncation or padding set in a tokenizer.json (common in BERT-family and embedding models)
+    would cut every document to max_length or pad it: both are off for preparation. The saved
+    tokenizer folder keeps the user's settings."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        backend.no_truncation()
+        backend.no_padding()
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """What makes two tokenizers encode alike (vocabulary, merges, normalizer, pre-tokenizer, added
+    tokens), hashed; truncation and padding are left out. Recorded as meta.json's tokenizer_sha256
+    so that shards, mixtures, resumed runs and evaluations can refuse data of another tokenizer."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+    else:
+        spec = sorted(tok.get_vocab().items())
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def separator_id(tok) -> int:
@@ -100,7 +145,7 @@ class Encoder:
             step = max(1, math.ceil(len(texts) / (4 * self.num_proc)))
             parts = self.pool.map(_encode_slow, [texts[i:i + step] for i in range(0, len(texts), step)])
             return [ids for part in parts for ids in part]
-        return self.tok(texts, add_special_tokens=False)["input_ids"]
+        return _encode_with(self.tok, texts)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -115,18 +160,104 @@ def _init_worker(tok_dir: str) -> None:
     from transformers import AutoTokenizer
 
     _worker_tok = AutoTokenizer.from_pretrained(tok_dir)
+    keep_every_token(_worker_tok)
 
 
 def _encode_slow(texts: list[str]) -> list[list[int]]:
-    return _worker_tok(texts, add_special_tokens=False)["input_ids"]
+    return _encode_with(_worker_tok, texts)
 
 
-def batched(docs: Iterator[str], max_chars: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _encode_with(tok, texts: list[str]) -> list[list[int]]:
+    """A tokenizer without a Rust backend, told explicitly to keep every token."""
+    return tok(texts, add_special_tokens=False, truncation=False, padding=False, verbose=False)["input_ids"]
+
+
+class Piece(NamedTuple):
+    """Text to encode in one call: a whole document or part of one. `nbytes` counts the UTF-8 bytes
+    of the source text it stands for (a space dropped at a cut included)."""
+
+    text: str
+    last: bool
+    doc: tuple[int, int]
+    nbytes: int
+
+
+SPACE_CUT = re.compile(r"[A-Za-z](?= [A-Za-z])")  # cut between the letter and the space
+NEWLINE_CUT = re.compile(r"\S\n(?=\S)")  # cut after the newline
+
+
+class Cutter:
+    """Where a long document may be cut so that encoding the pieces gives exactly the ids of
+    encoding it whole.
+
+    A cut goes inside `a Word` (ASCII letter, one space, ASCII letter), before the space. The
+    pre-tokenizers of byte-level BPEs (GPT-2's regex, Llama-3's, Qwen2's, ByteLevel) and of
+    WordPiece all end a pre-token after the letter and start the next one at the space, with no
+    look-behind, so the halves encode as they did inside the whole; an ASCII character at the cut
+    never combines with its neighbour under Unicode normalisation. Tokenizers that put a space or
+    '▁' in front of every text (SentencePiece-style Metaspace, add_prefix_space) would add one
+    at each cut: for them the space is dropped and the tokenizer adds it back. Where the pieces of
+    a probe text do not encode like the whole, a cut after a newline between non-spaces (CJK text
+    has no spaces) is not used. Both choices are made by encoding probes, not by reading the
+    tokenizer's configuration."""
+
+    PROBE = "It was the best of times, it was the worst of times.\nIt was the age of wisdom:\nthe age of foolishness"
+
+    def __init__(self, encode: Callable[[list[str]], list[list[int]]] | None = None):
+        self.drop_space, self.newline = False, True
+        if encode is not None:
+            whole = encode([self.PROBE])[0]
+            self.drop_space = not self._agrees(encode, whole, SPACE_CUT, 0) and self._agrees(encode, whole, SPACE_CUT, 1)
+            self.newline = self._agrees(encode, whole, NEWLINE_CUT, 0)
+
+    def _agrees(self, encode, whole: list[int], pattern: re.Pattern, skip: int) -> bool:
+        cuts = [m.end() for m in pattern.finditer(self.PROBE)]
+        texts = [self.PROBE[a + (skip if a else 0):b] for a, b in zip([0] + cuts, cuts + [len(self.PROBE)])]
+        return [i for ids in encode(texts) for i in ids] == whole
+
+    def find(self, text: str, start: int) -> int | None:
+        """The first safe cut at or after `start`, or None."""
+        m = SPACE_CUT.search(text, start)
+        best = m.end() if m else None
+        if self.newline:
+            for n in NEWLINE_CUT.finditer(text, start, best or len(text)):
+                if not unicodedata.combining(text[n.end()]):
+                    return n.end()
+        return best
+
+    def resume_at(self, text: str, cut: int) -> int:
+        """Where the next piece starts: at the cut, or past the space the tokenizer will add back."""
+        return cut + 1 if self.drop_space and text.startswith(" ", cut) else cut
+
+
+def pieces(parts: Iterator[DocPart], cutter: Cutter, forced: list[int]) -> Iterator[Piece]:
+    """Documents as pieces of about PIECE_CHARS, cut where `cutter` allows. Memory is bounded by
+    MAX_PIECE_CHARS whatever the document's size; cuts that had no safe point are counted in forced[0]."""
+    buf, pos = "", 0
+    for text, last, doc in parts:
+        buf = buf[pos:] + text if pos < len(buf) else text
+        pos = 0
+        while len(buf) - pos > PIECE_CHARS:
+            cut = cutter.find(buf, pos + PIECE_CHARS)
+            if cut is None:
+                if len(buf) - pos < MAX_PIECE_CHARS:
+                    break  # read more of the document before cutting
+                cut = pos + PIECE_CHARS
+                forced[0] += 1
+            nxt = cutter.resume_at(buf, cut)
+            yield Piece(buf[pos:cut], False, doc, len(buf[pos:nxt].encode("utf-8")))
+            pos = nxt
+        if last:
+            yield Piece(buf[pos:], True, doc, len(buf[pos:].encode("utf-8")))
+            buf, pos = "", 0
+
+
+def batched(items: Iterator[Piece], max_chars: int) -> Iterator[list[Piece]]:
+    batch: list[Piece] = []
     size = 0
-    for doc in docs:
-        batch.append(doc)
-        size += len(doc)
+    for item in items:
+        batch.append(item)
+        size += len(item.text)
         if size >= max_chars:
             yield batch
             batch, size = [], 0
@@ -135,53 +266,59 @@ def batched(docs: Iterator[str], max_chars: int) -> Iterator[list[str]]:
 
 
 class ValidPicker:
-    """Deterministic document split: in each block of k consecutive documents, one seeded pick is valid.
+    """Deterministic document split: in each block of k consecutive documents of a source, one
+    seeded pick is valid.
 
-    Exact proportions without knowing the document count in advance, so it works on a stream."""
+    Keyed by (source ordinal, index in the source), so a sharded preparation picks exactly the
+    documents an unsharded one picks, and it works on a stream of unknown length."""
 
     def __init__(self, val_fraction: float, seed: int):
         self.k = max(2, round(1 / val_fraction))
         self.seed = seed
-        self._block = -1
+        self._block: tuple[int, int] = (-1, -1)
         self._pick = 0
 
-    def is_valid(self, index: int) -> bool:
-        block = index // self.k
+    def is_valid(self, doc: tuple[int, int]) -> bool:
+        source, index = doc
+        block = (source, index // self.k)
         if block != self._block:
             self._block = block
-            self._pick = int(np.random.default_rng([self.seed, block]).integers(self.k))
+            self._pick = int(np.random.default_rng([self.seed, source, block[1]]).integers(self.k))
         return index % self.k == self._pick
 
 
-def encode_stream(docs: Iterator[str], encoder: Encoder, eos: int, dtype: np.dtype, out_file, picker: ValidPicker,
-                  progress) -> dict:
-    """Encode every document, append EOS, write ids to out_file; record the ranges of valid documents."""
+def encode_stream(parts: Iterator[Piece], encoder: Encoder, eos: int, dtype: np.dtype, out_file,
+                  picker: ValidPicker, progress) -> dict:
+    """Encode every piece, append EOS after each document, write ids to out_file; record the token
+    ranges of valid documents."""
     n_docs = n_tokens = total_bytes = 0
+    doc_start = doc_bytes = 0
     valid_ranges: list[tuple[int, int, int]] = []  # (start, end, utf8 bytes) of each valid document
     with ThreadPoolExecutor(1) as reader:  # the next batch is read while this one is encoded
-        batches = batched(docs, BATCH_CHARS)
+        batches = batched(parts, BATCH_CHARS)
         pending = reader.submit(next, batches, None)
         while (batch := pending.result()) is not None:
             pending = reader.submit(next, batches, None)
-            encoded = encoder.encode(batch)
-            lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+            encoded = encoder.encode([p.text for p in batch])
+            lengths = np.fromiter((len(ids) + p.last for ids, p in zip(encoded, batch)), dtype=np.int64,
+                                  count=len(batch))
             flat = np.empty(int(lengths.sum()), dtype=dtype)
-            ends = np.cumsum(lengths)
-            flat[ends - 1] = eos
             pos = 0
-            for ids, end in zip(encoded, ends):
-                flat[pos:end - 1] = ids
-                pos = end
-            out_file.write(flat.tobytes())
             batch_bytes = 0
-            starts = ends - lengths + n_tokens
-            for i, doc in enumerate(batch):
-                nbytes = len(doc.encode("utf-8"))
-                batch_bytes += nbytes
-                if picker.is_valid(n_docs + i):
-                    valid_ranges.append((int(starts[i]), int(starts[i] + lengths[i]), nbytes))
-            n_docs += len(batch)
-            n_tokens += int(lengths.sum())
+            for ids, piece, length in zip(encoded, batch, lengths.tolist()):
+                flat[pos:pos + len(ids)] = ids
+                pos += length
+                doc_bytes += piece.nbytes
+                batch_bytes += piece.nbytes
+                if piece.last:
+                    flat[pos - 1] = eos
+                    end = n_tokens + pos
+                    if picker.is_valid(piece.doc):
+                        valid_ranges.append((doc_start, end, doc_bytes))
+                    n_docs += 1
+                    doc_start, doc_bytes = end, 0
+            out_file.write(flat.tobytes())
+            n_tokens += pos
             total_bytes += batch_bytes
             progress.update(batch_bytes)
     return {"documents": n_docs, "tokens": n_tokens, "bytes": total_bytes, "valid_ranges": valid_ranges}
@@ -192,7 +329,7 @@ def split_ranges(stats: dict, picker: ValidPicker, val_fraction: float) -> tuple
     n, total = stats["documents"], stats["tokens"]
     if n == 0 or total == 0:
         raise PrepareError("the corpus is empty: no document has any text")
-    if n >= 2 * picker.k:
+    if n >= 2 * picker.k and stats["valid_ranges"] and len(stats["valid_ranges"]) < n:
         valid = [(s, e) for s, e, _ in stats["valid_ranges"]]
         train, prev = [], 0
         for s, e in valid:
@@ -232,6 +369,25 @@ def tail_bytes(tok, flat: np.memmap, start: int, end: int) -> int:
     return total
 
 
+def shard_plan(sources: list[Source], index: int, count: int) -> tuple[list[Source], tuple[int, int] | None, str]:
+    """Which inputs this shard reads and which of their documents it keeps.
+
+    By file when there are at least as many files as shards: runs of consecutive files of about
+    equal size, so merging the shards in order gives the unsharded corpus token for token. Else by
+    document: document i of the stream goes to shard i mod count (every shard reads every input)."""
+    if count == 1:
+        return sources, None, "none"
+    if len(sources) >= count and all(s.kind == "file" for s in sources):
+        total = sum(s.size_bytes or 0 for s in sources) or 1
+        owner, before = [], 0
+        for s in sources:
+            owner.append(min(count - 1, int((before + (s.size_bytes or 0) / 2) * count / total)))
+            before += s.size_bytes or 0
+        if set(owner) == set(range(count)):
+            return [s for s, o in zip(sources, owner) if o == index], None, "file"
+    return sources, (index, count), "document"
+
+
 def prepare(args: argparse.Namespace) -> Path:
     from tqdm.auto import tqdm
 
@@ -239,7 +395,8 @@ def prepare(args: argparse.Namespace) -> Path:
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not args.overwrite:
         raise PrepareError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     opts = ReadOptions(args.text_field, args.doc_separator, args.errors, args.dataset_config, args.split)
-    sources = resolve_sources(args.inputs, opts)
+    all_sources = resolve_sources(args.inputs, opts)
+    sources, doc_shard, shard_by = shard_plan(all_sources, args.shard_index, args.num_shards)
     os.environ["RAYON_NUM_THREADS"] = str(args.num_proc)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
@@ -253,24 +410,39 @@ def prepare(args: argparse.Namespace) -> Path:
         if args.tokenizer is None:
             from .bpe import train_bpe
 
-            train_bpe(iter_documents(sources, opts), args.vocab_size, tok_dir)
+            texts = (p.text for p in pieces(iter_documents(sources, opts), Cutter(), [0]))
+            train_bpe(texts, args.vocab_size, tok_dir)
             tok = load_tokenizer(str(tok_dir))
             tokenizer_name = f"byte-level BPE trained on the corpus (vocab {args.vocab_size})"
         else:
             tok = load_tokenizer(args.tokenizer)
             tok.save_pretrained(str(tok_dir))
             tokenizer_name = args.tokenizer
+        keep_every_token(tok)
         eos = separator_id(tok)
         vocab_size = len(tok)
         dtype = id_dtype(vocab_size)
         encoder = Encoder(tok, tok_dir, args.num_proc)
+        cutter = Cutter(encoder.encode)
+        fingerprint = tokenizer_fingerprint(tok)
         picker = ValidPicker(args.val_fraction, args.seed)
 
         t0 = time.perf_counter()
+        forced = [0]
         bar = tqdm(total=total_file_bytes(sources), unit="B", unit_scale=True, desc="tokenize", disable=None)
         with open(tmp / "all.bin", "wb") as f:
-            stats = encode_stream(iter_documents(sources, opts), encoder, eos, dtype, f, picker, bar)
+            stats = encode_stream(pieces(iter_documents(sources, opts, doc_shard), cutter, forced), encoder, eos,
+                                  dtype, f, picker, bar)
         bar.close()
+        if stats["documents"] == 0 and doc_shard is not None:
+            raise PrepareError(f"shard {args.shard_index} of {args.num_shards} got no document: the corpus has fewer "
+                               "documents than shards (a .txt is one document unless --doc_separator splits it)")
+        text_tokens = stats["tokens"] - stats["documents"]
+        if stats["bytes"] > MAX_BYTES_PER_TOKEN * max(text_tokens, 1):
+            raise PrepareError(
+                f"the tokenizer gave {text_tokens:,} tokens for {stats['bytes']:,} bytes of text (one per "
+                f"{stats['bytes'] / max(text_tokens, 1):,.0f} bytes; real text gives one per 2 to 6): it drops text, "
+                "e.g. unknown words or a vocabulary for another language; choose another --tokenizer")
         train_r, valid_r, split = split_ranges(stats, picker, args.val_fraction)
         flat = np.memmap(tmp / "all.bin", dtype=dtype, mode="r")
         n_train = write_split(flat, train_r, tmp / "train_ids.npy")
@@ -287,6 +459,7 @@ def prepare(args: argparse.Namespace) -> Path:
             "version": 1,
             "package_version": __version__,
             "tokenizer": tokenizer_name,
+            "tokenizer_sha256": fingerprint,
             "vocab_size": vocab_size,
             "eos_token_id": eos,
             "dtype": dtype.name,
@@ -294,21 +467,28 @@ def prepare(args: argparse.Namespace) -> Path:
             "valid_tokens": n_valid,
             "train_bytes": stats["bytes"] - valid_bytes,
             "valid_bytes": valid_bytes,
+            "bytes_per_token": round(stats["bytes"] / max(text_tokens, 1), 4),
             "documents": stats["documents"],
             "train_documents": stats["documents"] - valid_docs,
             "valid_documents": valid_docs,
             "split": split,
             "val_fraction": args.val_fraction,
             "seed": args.seed,
+            "document_cuts": {"forced": forced[0], "space_dropped": cutter.drop_space, "newline": cutter.newline},
             "sources": [s.info() for s in sources],
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        if args.num_shards > 1:
+            meta["shard"] = {"index": args.shard_index, "count": args.num_shards, "by": shard_by}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         _publish(tmp, out)
     finally:
         if encoder is not None:
             encoder.close()
         shutil.rmtree(tmp, ignore_errors=True)
+    if forced[0]:
+        print(f"warning: {forced[0]} cut(s) inside text with no space or newline for {MAX_PIECE_CHARS:,} characters; "
+              "ids near those cuts may differ from encoding the document whole", file=sys.stderr)
     return out
 
 
@@ -321,6 +501,10 @@ def _publish(tmp: Path, out: Path) -> None:
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads((out / "meta.json").read_text())
     print(
         f"wrote {out}/: {meta['train_tokens']:,} train + {meta['valid_tokens']:,} valid tokens "
-        f"({meta['dtype']}, vocab {meta['vocab_size']:,}, {meta['documents']:,} documents, split by {meta['split']})"
+        f"({meta['dtype']}, vocab {meta['vocab_size']:,}, {plural(meta['documents'], 'document')}, "
+        f"split by {meta['split']}, {meta['bytes_per_token']:.2f} bytes per token)"
     )
     return 0
 

@@ -1,0 +1,96 @@
+"""CLI: join shard directories (or any data directories of one tokenizer) into one data directory
+without copying a token: its meta.json lists the shards, and training reads their ids in place.
+
+    python -m tokenization.merge data/shard_0 data/shard_1 ... --out data/all
+
+Shards made by `prepare --num_shards N --shard_index I` are ordered by I and must all be present.
+The tokenizer of every shard must be the same (meta.json's tokenizer_sha256)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from . import PrepareError, __version__
+
+SUMMED = ("train_tokens", "valid_tokens", "train_bytes", "valid_bytes", "documents", "train_documents",
+          "valid_documents")
+SAME = ("vocab_size", "eos_token_id", "dtype", "tokenizer_sha256")
+
+
+def read_meta(d: Path) -> dict:
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PrepareError(f"{d} is not a prepared data directory ({e}); pass the --out folders of prepare") from None
+    if "shards" in meta:
+        raise PrepareError(f"{d} is itself a merged directory; merge its shards instead")
+    if not meta.get("tokenizer_sha256"):
+        raise PrepareError(f"{d}/meta.json has no tokenizer_sha256 (made by an older version); prepare it again")
+    return meta
+
+
+def merge(dirs: list[Path], out: Path, overwrite: bool = False) -> Path:
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
+        raise PrepareError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    metas = [(d, read_meta(d)) for d in dirs]
+    shards = [m.get("shard") for _, m in metas]
+    if any(shards):
+        counts = {s["count"] for s in shards if s}
+        indices = sorted(s["index"] for s in shards if s)
+        if not all(shards) or len(counts) != 1 or indices != list(range(counts.pop())):
+            raise PrepareError(f"shards {indices} given; every shard of one `prepare --num_shards N` run is needed, "
+                               "each once")
+        metas.sort(key=lambda dm: dm[1]["shard"]["index"])
+    first = metas[0][1]
+    for d, m in metas[1:]:
+        differs = [k for k in SAME if m.get(k) != first.get(k)]
+        if differs:
+            raise PrepareError(f"{d} was prepared with another tokenizer than {metas[0][0]} ({', '.join(differs)} "
+                               "differ); prepare every shard with the same --tokenizer")
+    out = out.resolve()
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        shutil.copytree(metas[0][0] / "tokenizer", tmp / "tokenizer")
+        meta = {"version": 1, "package_version": __version__, "tokenizer": first.get("tokenizer"),
+                **{k: first[k] for k in SAME},
+                **{k: sum(m.get(k, 0) for _, m in metas) for k in SUMMED},
+                "split": "documents" if all(m.get("split") == "documents" for _, m in metas) else "mixed",
+                "seed": first.get("seed"),
+                "shards": [os.path.relpath(d.resolve(), out) for d, _ in metas],
+                "sources": [s for _, m in metas for s in m.get("sources", [])]}
+        meta["bytes_per_token"] = round((meta["train_bytes"] + meta["valid_bytes"]) /
+                                        max(meta["train_tokens"] + meta["valid_tokens"] - meta["documents"], 1), 4)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tokenization.merge", description=__doc__.split("\n\n")[0])
+    p.add_argument("shards", nargs="+", type=Path, help="data directories written by prepare")
+    p.add_argument("--out", type=Path, required=True, help="the merged data directory (holds no ids of its own)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    args = p.parse_args(argv)
+    try:
+        out = merge(args.shards, args.out, args.overwrite)
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    meta = json.loads((out / "meta.json").read_text())
+    print(f"wrote {out}/: {len(meta['shards'])} shards, {meta['train_tokens']:,} train + {meta['valid_tokens']:,} "
+          "valid tokens, read in place")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
