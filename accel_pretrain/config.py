@@ -9,26 +9,31 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import UserError
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with its one-line description, which `train --help` prints."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ModelConfig:
     """Architecture. Field names are Hugging Face LlamaConfig's, so the mapping is one-to-one."""
 
-    vocab_size: int = 8192
-    hidden_size: int = 512
-    num_hidden_layers: int = 8
-    num_attention_heads: int = 8
-    num_key_value_heads: int = 8
-    intermediate_size: int = 1408
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = True
-    initializer_range: float = 0.02
+    vocab_size: int = opt(8192, "tokens in the vocabulary; always taken from the data's meta.json")
+    hidden_size: int = opt(512, "width of the residual stream")
+    num_hidden_layers: int = opt(8, "transformer blocks")
+    num_attention_heads: int = opt(8, "query heads; must divide hidden_size")
+    num_key_value_heads: int = opt(8, "key/value heads (grouped-query attention); must divide the query heads")
+    intermediate_size: int = opt(1408, "width of the SwiGLU MLP")
+    max_position_embeddings: int = opt(2048, "longest sequence the model is meant for (>= block_size)")
+    rope_theta: float = opt(10000.0, "RoPE base frequency")
+    rms_norm_eps: float = opt(1e-5, "epsilon of RMSNorm")
+    tie_word_embeddings: bool = opt(True, "share the input embedding and the LM head")
+    initializer_range: float = opt(0.02, "standard deviation of the initial weights")
 
     @property
     def head_dim(self) -> int:
@@ -67,39 +72,41 @@ PRESETS: dict[str, dict[str, Any]] = {
                intermediate_size=8192, rope_theta=500000.0),
 }
 
+# Parameters with the 8,192-token vocabulary that prepare trains by default.
+PRESET_SIZES = {"tiny": "1.0M", "mini": "5.3M", "small": "29.9M", "gpt2-124m": "91M", "350m": "317M", "1b": "990M"}
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides the architecture."""
 
-    data: str = "data"
-    out: str = "runs/default"
-    preset: str | None = None
-    max_steps: int = 1000
-    micro_batch_size: int = 8
-    block_size: int = 256
-    gradient_accumulation_steps: int = 1
-    lr: float = 6e-4
-    min_lr: float | None = None  # default: lr / 10
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping; the norm is still logged
-    eval_interval: int = 200
-    eval_iters: int = 20
-    save_interval: int = 500
-    keep_checkpoints: int = 3
-    log_interval: int = 10
-    seed: int = 1337
-    resume: str | None = None  # "latest" or a checkpoint path
-    init_from: str | None = None  # Hugging Face Llama folder or hub name
-    report_to: str = "none"  # none | wandb | tensorboard | all
-    project_name: str = "accel-pretrain"
-    mixed_precision: str | None = None  # no | bf16 | fp16 | auto; default: the accelerate launch config's
-    compile: bool = False
-    peak_flops: float | None = None  # per device, for MFU; default: looked up for known GPUs
-    overwrite: bool = False
+    data: str = opt("data", "prepared data directory, or a mixture DIR:WEIGHT,DIR:WEIGHT")
+    out: str = opt("runs/default", "run directory: config.json, train_log.jsonl, checkpoints/")
+    preset: str | None = opt(None, "model shape, see presets below")
+    max_steps: int = opt(1000, "optimizer steps in the whole run (raise it with --resume to extend a run)")
+    micro_batch_size: int = opt(8, "windows per forward pass on each process")
+    block_size: int = opt(256, "tokens per window (context length)")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    lr: float = opt(6e-4, "peak learning rate, reached after warmup")
+    min_lr: float | None = opt(None, "learning rate at the end of the cosine (default lr / 10)")
+    warmup_steps: int = opt(100, "steps of linear warmup")
+    weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0: no clipping; the norm is still logged)")
+    eval_interval: int = opt(200, "steps between validation losses")
+    eval_iters: int = opt(20, "micro-batches of validation windows per evaluation")
+    save_interval: int = opt(500, "steps between checkpoints")
+    keep_checkpoints: int = opt(3, "checkpoints kept; older ones are deleted")
+    log_interval: int = opt(10, "steps between lines in train_log.jsonl (and printed lines when not on a terminal)")
+    seed: int = opt(1337, "seed of the initial weights and of the training windows")
+    resume: str | None = opt(None, "continue the run in --out from its latest checkpoint (or give a checkpoint path)")
+    init_from: str | None = opt(None, "start from a Hugging Face Llama checkpoint (folder or hub name)")
+    report_to: str = opt("none", "trackers: none, wandb, tensorboard or all")
+    project_name: str = opt("accel-pretrain", "tracker project name")
+    mixed_precision: str | None = opt(None, "no (fp32), bf16, fp16 or auto; default: the accelerate config's")
+    compile: bool = opt(False, "torch.compile the model")
+    peak_flops: float | None = opt(None, "peak FLOP/s per device for MFU (default: looked up for known GPUs)")
+    overwrite: bool = opt(False, "replace an existing run in --out")
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> None:
@@ -133,6 +140,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    given: ClassVar[set[str]] = set()  # the keys set on the command line or in --config (resolve fills it)
 
 
 def auto_precision() -> str:
@@ -200,7 +209,10 @@ def _read_file(path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"config file {path}{where}: not valid YAML ({what})") from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must hold a mapping of field: value")
     flat = {k: v for k, v in data.items() if k != "model"}
@@ -244,35 +256,75 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return out
 
 
+def flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """A config.json (or to_dict()) as one level of field: value, model fields included."""
+    return {**{k: v for k, v in config.items() if k != "model"}, **config.get("model", {})}
+
+
+NOT_CARRIED = ("resume", "overwrite")  # what a resumed run never takes over from the run it continues
+
+
+def run_config(values: dict[str, Any]) -> dict[str, Any]:
+    """For --resume: the fields of the run being continued, read from RUN/config.json."""
+    resume = str(values.get("resume"))
+    run = Path(values["out"]) if "out" in values else None
+    if run is None and resume != "latest":
+        run = Path(resume).parent.parent if Path(resume).parent.name == "checkpoints" else Path(resume)
+    if run is None:
+        raise UserError("--resume needs --out RUN: the run directory to continue")
+    path = run / "config.json"
+    if not path.is_file():
+        raise UserError(f"--resume: {run} holds no run (no config.json); check --out, or start a run there")
+    try:
+        saved = flatten(json.loads(path.read_text()))
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"--resume: {path} is not a readable config ({e})") from None
+    return {k: v for k, v in saved.items() if (k in TRAIN_FIELDS or k in MODEL_FIELDS) and k not in NOT_CARRIED}
+
+
 def resolve(args: list[str]) -> TrainConfig:
-    """preset < YAML file < command line; unknown keys and wrong types are user errors."""
+    """preset < YAML file < command line; with --resume the run's own config.json comes first.
+    Unknown keys and wrong types are user errors. The keys the user gave are kept in cfg.given."""
     cli = parse_overrides(args)
-    values: dict[str, Any] = _read_file(cli.pop("config")) if "config" in cli else {}
-    values.update(cli)
-    for key in values:
+    given: dict[str, Any] = _read_file(cli.pop("config")) if "config" in cli else {}
+    given.update(cli)
+    for key in given:
         if key not in TRAIN_FIELDS and key not in MODEL_FIELDS:
             raise UserError(f"unknown config key {key!r}")
+    values = run_config(given) if given.get("resume") else {}
+    values.update(given)
     cfg = TrainConfig()
-    preset = _convert("preset", values.get("preset"))
+    preset = _convert("preset", given.get("preset"))
     if preset is not None:
         if preset not in PRESETS:
             raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         cfg.model = dataclasses.replace(cfg.model, **PRESETS[preset])
+        values = {k: v for k, v in values.items() if k not in PRESETS[preset] or k in given}
     for key, value in values.items():
         target = cfg.model if key in MODEL_FIELDS else cfg
         setattr(target, key, _convert(key, value))
+    cfg.given = set(given)
     return cfg
 
 
+def changes(before: dict[str, Any], after: TrainConfig) -> list[str]:
+    """'lr 0.002 -> 0.001' for every field that differs between a run's config and the new one."""
+    now = flatten(after.to_dict())
+    return [f"{k} {before.get(k)} -> {v}" for k, v in now.items()
+            if k not in NOT_CARRIED and k in before and before[k] != v]
+
+
 def help_text() -> str:
-    lines = ["training fields (--field value):"]
-    for f in fields(TrainConfig):
-        if f.name != "model":
-            lines.append(f"  --{f.name} (default {f.default!r})")
+    def line(f: dataclasses.Field) -> str:
+        default = "" if f.default is None else f" (default {f.default!r})"
+        return f"  --{f.name:<28} {f.metadata['help']}{default}"
+
+    lines = ["", f"  --{'config FILE.yaml':<28} fields as YAML (model fields flat or under `model:`); the command line wins",
+             "training fields (--field value):"]
+    lines += [line(f) for f in fields(TrainConfig) if f.name != "model"]
     lines.append("model fields (override the preset):")
-    for f in fields(ModelConfig):
-        lines.append(f"  --{f.name} (default {f.default!r})")
-    lines.append(f"presets: {', '.join(PRESETS)}")
+    lines += [line(f) for f in fields(ModelConfig)]
+    lines.append(f"presets: {', '.join(f'{k} ({v})' for k, v in PRESET_SIZES.items())}")
     return "\n".join(lines)
 
 

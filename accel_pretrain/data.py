@@ -214,6 +214,37 @@ class TokenData:
         return total
 
 
+def tokenizer_fingerprint(source: str | Path | None) -> str | None:
+    """meta.json's tokenizer_sha256 for a tokenizer folder or hub name: the sha256 of the model,
+    normalizer and pre-tokenizer sections of its tokenizer.json, as the installed `tokenizers`
+    writes them (tokenization.prepare computes it the same way). None when there is no tokenizer.json."""
+    if source is None:
+        return None
+    path = Path(source) / "tokenizer.json"
+    if not path.is_file():
+        if Path(source).exists():
+            return None
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(str(source), "tokenizer.json"))
+        except Exception:  # offline, no such repo, no tokenizer.json: nothing to compare
+            return None
+    from tokenizers import Tokenizer
+
+    spec = json.loads(Tokenizer.from_file(str(path)).to_str())
+    blob = json.dumps({k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def check_same_tokenizer(data: TokenData, tokenizer: str | Path | None, what: str) -> None:
+    """Refuse data made by another tokenizer than the model's: its ids would mean other strings."""
+    ours = tokenizer_fingerprint(tokenizer)
+    if ours and data.tokenizer_sha256 and ours != data.tokenizer_sha256:
+        raise UserError(f"{data.spec} was prepared with another tokenizer ({data.meta.get('tokenizer')}) than {what} "
+                        f"({tokenizer}); prepare the data with `--tokenizer {tokenizer}`")
+
+
 def step_windows(ids: Ids, n: int, block_size: int, seed: int, step: int, rank: int) -> torch.Tensor:
     """n random windows of block_size + 1 tokens for one optimizer step of one rank, shape (n, T+1).
 

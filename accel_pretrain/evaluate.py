@@ -14,7 +14,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from .data import Ids, TokenData, unigram_loss
+from .data import Ids, TokenData, check_same_tokenizer, unigram_loss
 from .errors import UserError, run_cli
 
 
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_windows", type=int, default=None, help="score only the first K windows")
     args = p.parse_args(argv)
     data = TokenData(args.data)
-    model, _, state = load_any(args.model)
+    model, tokenizer, state = load_any(args.model)
+    check_same_tokenizer(data, tokenizer, "the model")
     block = args.block_size or state.get("config", {}).get("block_size", 256)
     if block < 1 or args.batch_size < 1 or (args.max_windows is not None and args.max_windows < 1):
         raise UserError("--block_size, --batch_size and --max_windows must be at least 1")

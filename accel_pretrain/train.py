@@ -21,8 +21,8 @@ import torch
 
 from . import __version__
 from .checkpoint import list_checkpoints, read_state, resolve_checkpoint, save_checkpoint
-from .config import TrainConfig, help_text, resolve, save_json
-from .data import TokenData, step_windows
+from .config import MODEL_FIELDS, TrainConfig, changes, flatten, help_text, resolve, save_json
+from .data import TokenData, check_same_tokenizer, step_windows
 from .errors import UserError, run_cli
 from .evaluate import metrics, score
 from .model import Transformer
@@ -30,6 +30,7 @@ from .optim import apply_config_to_schedule, build_optimizer, build_scheduler
 from .tracking import RunLog, peak_flops, trackers_for
 
 RUN_FILES = ("config.json", "train_log.jsonl", "checkpoints", "tokenizer")
+PRECISION = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + gradient scaler"}
 
 
 class StopRequest:
@@ -63,12 +64,39 @@ def prepare_run_dir(cfg: TrainConfig) -> Path | None:
     if cfg.resume:
         if cfg.resume == "latest":
             if not list_checkpoints(run):
-                raise UserError(f"--resume: {run} holds no checkpoint to resume from")
+                raise UserError(f"--resume: {run} holds no checkpoint (the run stopped before its first save); "
+                                "start it again with --overwrite")
             return resolve_checkpoint(run)
         return resolve_checkpoint(cfg.resume)
     if has_run and not cfg.overwrite:
+        if not list_checkpoints(run):
+            raise UserError(f"{run} holds a run that stopped before its first checkpoint; pass --overwrite to start "
+                            "over, or choose another --out")
         raise UserError(f"{run} already holds a run; pass --resume to continue it or --overwrite to start over")
     return None
+
+
+def check_trackers(report_to: str) -> None:
+    """Fail before anything is written when a tracker cannot start (no wandb login, no tensorboard)."""
+    import os
+
+    if report_to in ("wandb", "all") and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled",
+                                                                                          "dryrun"):
+        try:
+            import wandb
+
+            wandb.Api(timeout=10)
+        except ImportError:
+            raise UserError("--report_to wandb needs the wandb package: pip install wandb") from None
+        except Exception as e:  # wandb raises its own UsageError when no API key is configured
+            if "api key" in str(e).lower():
+                raise UserError("--report_to wandb needs a login: run `wandb login`, set WANDB_API_KEY, or set "
+                                "WANDB_MODE=offline to log locally") from None
+    if report_to in ("tensorboard", "all"):
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise UserError("--report_to tensorboard needs the tensorboard package: pip install tensorboard") from None
 
 
 def check_resume(ckpt: Path, cfg: TrainConfig, data: TokenData) -> dict[str, Any]:
@@ -88,6 +116,7 @@ def build_model(cfg: TrainConfig, data: TokenData) -> Transformer:
     if cfg.init_from:
         from .hf import from_hf_pretrained
 
+        check_same_tokenizer(data, cfg.init_from, "the --init_from model")
         model = from_hf_pretrained(cfg.init_from)
         if model.config.vocab_size < data.vocab_size:
             raise UserError(f"--init_from model has {model.config.vocab_size} tokens, the data {data.vocab_size}: "
@@ -103,12 +132,17 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__ + "\n" + help_text())
         return 0
     cfg = resolve(argv)
+    shape = sorted(cfg.given & ({"preset"} | set(MODEL_FIELDS)))
+    if cfg.init_from and shape and not cfg.resume:
+        raise UserError(f"--init_from takes the model's shape from the checkpoint; drop {', '.join('--' + k for k in shape)}")
     data = TokenData(cfg.data)
     if cfg.init_from is None:
         cfg.model.vocab_size = data.vocab_size
     cfg.validate()
     data.check_block_size(cfg.block_size)
     ckpt = prepare_run_dir(cfg)
+    before = flatten(read_state(ckpt).get("config", {})) if ckpt else {}
+    check_trackers(cfg.report_to)
 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -173,12 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.report_to != "none":
         accelerator.init_trackers(cfg.project_name, config={k: v for k, v in cfg.to_dict().items() if k != "model"}
                                   | {f"model.{k}": v for k, v in cfg.to_dict()["model"].items()})
-    accelerator.print(f"{n_params / 1e6:.2f}M parameters | world size {world} | {mixed} precision | "
+    if ckpt and (changed := changes(before, cfg)):
+        accelerator.print("resuming with " + ", ".join(changed))
+    accelerator.print(f"{n_params / 1e6:.2f}M parameters | world size {world} | {PRECISION.get(mixed, mixed)} | "
                       f"{tokens_per_step:,} tokens per step ({mb} x {T} x {ga} accumulation x {world} processes)"
                       + (f" | resuming from {ckpt}" if ckpt else ""))
 
     def train_state(step: int) -> dict[str, Any]:
         return {"step": step, "tokens_seen": tokens_seen, "data_fingerprint": data.fingerprint(),
+                "tokenizer_sha256": data.tokenizer_sha256,
                 "data_dir": str(data.dir), "model_config": cfg.to_dict()["model"], "world_size": world,
                 "elapsed_s": elapsed_before + time.perf_counter() - t_start, "config": cfg.to_dict()}
 
@@ -259,6 +296,10 @@ def main(argv: list[str] | None = None) -> int:
                 log.write(record)
                 accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=done)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
+                if bar.disable and accelerator.is_main_process:  # not a terminal (make, CI, SLURM): a plain line
+                    eta = (cfg.max_steps - done) * tokens_per_step / max(tps, 1e-9)
+                    print(f"step {done}/{cfg.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
+                          f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
             if evaluating:
                 m = evaluate(done)
                 if accelerator.is_main_process:

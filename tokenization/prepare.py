@@ -96,18 +96,21 @@ def keep_every_token(tok) -> None:
         backend.no_padding()
 
 
-def tokenizer_fingerprint(tok) -> str:
-    """What makes two tokenizers encode alike (vocabulary, merges, normalizer, pre-tokenizer, added
-    tokens), hashed; truncation and padding are left out. Recorded as meta.json's tokenizer_sha256
-    so that shards, mixtures, resumed runs and evaluations can refuse data of another tokenizer."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        spec = json.loads(backend.to_str())
-        spec.pop("truncation", None)
-        spec.pop("padding", None)
+def tokenizer_fingerprint(tok, tok_dir: Path) -> str:
+    """What makes two tokenizers encode alike, hashed: the model (vocabulary, merges), normalizer and
+    pre-tokenizer sections of the saved tokenizer.json as `tokenizers` writes them (truncation,
+    padding and post-processing left out); the vocabulary when there is no tokenizer.json.
+    Recorded as meta.json's tokenizer_sha256 (the contract in DESIGN.md), so shards, mixtures,
+    resumed runs and evaluations refuse data of another tokenizer."""
+    path = tok_dir / "tokenizer.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        spec = json.loads(Tokenizer.from_file(str(path)).to_str())
+        blob = json.dumps({k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer")}, sort_keys=True)
     else:
-        spec = sorted(tok.get_vocab().items())
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+        blob = json.dumps(sorted(tok.get_vocab().items()))
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def separator_id(tok) -> int:
@@ -424,7 +427,7 @@ def prepare(args: argparse.Namespace) -> Path:
         dtype = id_dtype(vocab_size)
         encoder = Encoder(tok, tok_dir, args.num_proc)
         cutter = Cutter(encoder.encode)
-        fingerprint = tokenizer_fingerprint(tok)
+        fingerprint = tokenizer_fingerprint(tok, tok_dir)
         picker = ValidPicker(args.val_fraction, args.seed)
 
         t0 = time.perf_counter()
