@@ -350,25 +350,27 @@ def split_ranges(stats: dict, picker: ValidPicker, val_fraction: float) -> tuple
     return [(0, total - n_valid)], [(total - n_valid, total)], "tail"
 
 
-def write_split(flat: np.memmap, ranges: list[tuple[int, int]], path: Path) -> int:
+def write_split(src: Path, dtype: np.dtype, ranges: list[tuple[int, int]], path: Path) -> int:
+    """Copy token ranges of the flat id file into a .npy with plain reads and writes: memory-mapping
+    both files would count every page touched towards the process's resident memory."""
     count = sum(e - s for s, e in ranges)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=flat.dtype, shape=(count,))
-    pos = 0
-    for s, e in ranges:
-        for a in range(s, e, COPY_TOKENS):
-            b = min(e, a + COPY_TOKENS)
-            out[pos:pos + b - a] = flat[a:b]
-            pos += b - a
-    out.flush()
-    del out
+    size = dtype.itemsize
+    with open(src, "rb") as f, open(path, "wb") as out:
+        np.lib.format.write_array_header_1_0(
+            out, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (count,)})
+        for s, e in ranges:
+            f.seek(s * size)
+            for a in range(s, e, COPY_TOKENS):
+                out.write(f.read((min(e, a + COPY_TOKENS) - a) * size))
     return count
 
 
-def tail_bytes(tok, flat: np.memmap, start: int, end: int) -> int:
+def tail_bytes(tok, src: Path, dtype: np.dtype, start: int, end: int) -> int:
     """UTF-8 bytes behind a token range, by decoding it in chunks (only for the tail split)."""
     total = 0
     for a in range(start, end, 1 << 20):
-        total += len(tok.decode(flat[a:min(end, a + (1 << 20))].tolist()).encode("utf-8"))
+        ids = np.fromfile(src, dtype=dtype, count=min(end, a + (1 << 20)) - a, offset=a * dtype.itemsize)
+        total += len(tok.decode(ids.tolist()).encode("utf-8"))
     return total
 
 
@@ -447,16 +449,14 @@ def prepare(args: argparse.Namespace) -> Path:
                 f"{stats['bytes'] / max(text_tokens, 1):,.0f} bytes; real text gives one per 2 to 6): it drops text, "
                 "e.g. unknown words or a vocabulary for another language; choose another --tokenizer")
         train_r, valid_r, split = split_ranges(stats, picker, args.val_fraction)
-        flat = np.memmap(tmp / "all.bin", dtype=dtype, mode="r")
-        n_train = write_split(flat, train_r, tmp / "train_ids.npy")
-        n_valid = write_split(flat, valid_r, tmp / "valid_ids.npy")
+        n_train = write_split(tmp / "all.bin", dtype, train_r, tmp / "train_ids.npy")
+        n_valid = write_split(tmp / "all.bin", dtype, valid_r, tmp / "valid_ids.npy")
         if split == "documents":
             valid_bytes = sum(b for _, _, b in stats["valid_ranges"])
             valid_docs = len(valid_r)
         else:
-            valid_bytes = tail_bytes(tok, flat, *valid_r[0])
+            valid_bytes = tail_bytes(tok, tmp / "all.bin", dtype, *valid_r[0])
             valid_docs = 0
-        del flat
         (tmp / "all.bin").unlink()
         meta = {
             "version": 1,
