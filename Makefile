@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 DEMO ?= demo
+# One thread per physical core, as accelerate would pick itself; passing it keeps its three-line notice away.
+CPU_THREADS ?= $(shell $(PY) -c "import psutil; print(psutil.cpu_count(logical=False) or 1)" 2>/dev/null || echo 1)
 DEMO_TRAIN ?= --preset mini --block_size 256 --micro_batch_size 8 --max_steps 300 --warmup_steps 30 \
 	--lr 2e-3 --min_lr 2e-4 --eval_interval 50 --eval_iters 10 --save_interval 100 --log_interval 5
 
@@ -25,7 +27,8 @@ DEMO_TRAIN ?= --preset mini --block_size 256 --micro_batch_size 8 --max_steps 30
 demo: $(VENV)/.installed
 	$(PY) -m tokenization.sample_corpus $(DEMO)/corpus.jsonl
 	$(PY) -m tokenization.prepare $(DEMO)/corpus.jsonl --out $(DEMO)/data --overwrite
-	$(VENV)/bin/accelerate launch --config_file accelerate_configs/cpu.yaml -m accel_pretrain.train \
+	$(VENV)/bin/accelerate launch -q --num_cpu_threads_per_process $(CPU_THREADS) \
+		--config_file accelerate_configs/cpu.yaml -m accel_pretrain.train \
 		--data $(DEMO)/data --out $(DEMO)/run --overwrite --mixed_precision auto $(DEMO_TRAIN)
 	$(PY) -m accel_pretrain.export $(DEMO)/run $(DEMO)/hf --overwrite
 	$(PY) -m accel_pretrain.generate $(DEMO)/hf --prompt "Return the number of" --max_new_tokens 48

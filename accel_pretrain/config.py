@@ -99,7 +99,8 @@ class TrainConfig:
     keep_checkpoints: int = opt(3, "checkpoints kept; older ones are deleted")
     log_interval: int = opt(10, "steps between lines in train_log.jsonl (and printed lines when not on a terminal)")
     seed: int = opt(1337, "seed of the initial weights and of the training windows")
-    resume: str | None = opt(None, "continue the run in --out from its latest checkpoint (or give a checkpoint path)")
+    resume: str | None = opt(None, "continue the run in --out from its latest checkpoint, or from a checkpoint path; "
+                                   "'auto': continue if there is a checkpoint, else start (for requeued jobs)")
     init_from: str | None = opt(None, "start from a Hugging Face Llama checkpoint (folder or hub name)")
     report_to: str = opt("none", "trackers: none, wandb, tensorboard or all")
     project_name: str = opt("accel-pretrain", "tracker project name")
@@ -268,11 +269,13 @@ def run_config(values: dict[str, Any]) -> dict[str, Any]:
     """For --resume: the fields of the run being continued, read from RUN/config.json."""
     resume = str(values.get("resume"))
     run = Path(values["out"]) if "out" in values else None
-    if run is None and resume != "latest":
+    if resume not in ("latest", "auto"):  # a checkpoint (or run) path: the run it belongs to
         run = Path(resume).parent.parent if Path(resume).parent.name == "checkpoints" else Path(resume)
     if run is None:
         raise UserError("--resume needs --out RUN: the run directory to continue")
     path = run / "config.json"
+    if not path.is_file() and resume == "auto":
+        return {}
     if not path.is_file():
         raise UserError(f"--resume: {run} holds no run (no config.json); check --out, or start a run there")
     try:

@@ -9,6 +9,7 @@ clip_grad_norm_ -> AdamW + schedule -> eval / checkpoint / train_log.jsonl."""
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import shutil
 import signal
@@ -52,6 +53,13 @@ class StopRequest:
         self.requested = True
 
 
+def host_to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pinned memory on CUDA, so the copy runs asynchronously while the GPU works on the last step."""
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    return batch.to(device, non_blocking=True)
+
+
 def param_checksum(model: torch.nn.Module) -> float:
     """A float64 sum over all weights: equal on every rank exactly when the replicas agree."""
     return float(sum(p.detach().double().sum() for p in model.parameters()))
@@ -61,6 +69,11 @@ def prepare_run_dir(cfg: TrainConfig) -> Path | None:
     """Check the run directory before anything is written; return the checkpoint to resume from."""
     run = Path(cfg.out)
     has_run = run.is_dir() and any((run / name).exists() for name in RUN_FILES)
+    if cfg.resume == "auto":  # a (re)queued job: continue when there is something to continue
+        if list_checkpoints(run):
+            return resolve_checkpoint(run)
+        cfg.resume, cfg.overwrite = None, True  # nothing to lose: no checkpoint was ever written
+        return None
     if cfg.resume:
         if cfg.resume == "latest":
             if not list_checkpoints(run):
@@ -78,20 +91,20 @@ def prepare_run_dir(cfg: TrainConfig) -> Path | None:
 
 def check_trackers(report_to: str) -> None:
     """Fail before anything is written when a tracker cannot start (no wandb login, no tensorboard)."""
-    import os
-
     if report_to in ("wandb", "all") and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled",
                                                                                           "dryrun"):
         try:
             import wandb
-
-            wandb.Api(timeout=10)
         except ImportError:
             raise UserError("--report_to wandb needs the wandb package: pip install wandb") from None
+        try:
+            wandb.Api(timeout=10)
         except Exception as e:  # wandb raises its own UsageError when no API key is configured
             if "api key" in str(e).lower():
                 raise UserError("--report_to wandb needs a login: run `wandb login`, set WANDB_API_KEY, or set "
                                 "WANDB_MODE=offline to log locally") from None
+        finally:
+            wandb.teardown()  # Api() sets up wandb's process-wide state; the run sets it up again itself
     if report_to in ("tensorboard", "all"):
         try:
             import tensorboard  # noqa: F401
@@ -144,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     before = flatten(read_state(ckpt).get("config", {})) if ckpt else {}
     check_trackers(cfg.report_to)
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available():
+        raise UserError("the launch config asks for FSDP, which Accelerate runs only on GPUs (on CPU it fails, or "
+                        "trains unsharded without a word); use cpu_ddp.yaml on a CPU")
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -247,10 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     with StopRequest() as stop:
         for step in range(start_step, cfg.max_steps):
             # get_batch: this step's windows for this rank, split into micro-batches below.
-            batch = step_windows(data.train, mb * ga, T, cfg.seed, step, rank)
-            if device_type == "cuda":
-                batch = batch.pin_memory()
-            batch = batch.to(accelerator.device, non_blocking=True)
+            batch = host_to_device(step_windows(data.train, mb * ga, T, cfg.seed, step, rank), accelerator.device)
             loss_sum = torch.zeros((), device=accelerator.device)
             lr = optimizer.param_groups[0]["lr"]
             for micro in range(ga):

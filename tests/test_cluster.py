@@ -1,0 +1,113 @@
+"""Paths that production hardware takes, exercised on CPU: the SLURM script as two local "nodes",
+and the GPU-only code (fused AdamW, pinned transfers, the peak-FLOPs table, MFU) through its
+CPU-safe parts, so a typo there cannot hide until a GPU run."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from accel_pretrain.config import ModelConfig, TrainConfig
+from accel_pretrain.model import Transformer
+from accel_pretrain.optim import build_optimizer
+from accel_pretrain.tracking import peak_flops, read_log
+from accel_pretrain.train import host_to_device
+from tests.helpers import ROOT, TINY, launch, train
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_nodes(args: list, port: int) -> list[subprocess.Popen]:
+    """slurm/launch_node.sh as srun would start it on two nodes of one job."""
+    procs = []
+    for node in (0, 1):
+        env = {**os.environ, "SLURM_NODEID": str(node), "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[0-1]",
+               "MAIN_ADDR": "127.0.0.1", "MAIN_PORT": str(port), "GPUS_PER_NODE": "1",
+               "CONFIG": "accelerate_configs/cpu_ddp.yaml", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+               "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+        procs.append(subprocess.Popen(["bash", "slurm/launch_node.sh", *map(str, args)], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def test_slurm_script_on_two_local_nodes_trains_then_a_requeue_resumes(tmp_path, data_dir):
+    run = tmp_path / "run"
+    args = ["--data", data_dir, "--out", run, *TINY, "--max_steps", 4, "--save_interval", 2, "--eval_interval", 4]
+    for attempt in range(2):
+        procs = _slurm_nodes(args, _free_port())
+        outs = [p.communicate(timeout=240)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        if attempt == 0:  # as if the job had been preempted after step 2 and requeued
+            shutil.rmtree(run / "checkpoints/step_0000004")
+    log = read_log(run / "train_log.jsonl")
+    assert [r["event"] for r in log if "event" in r] == ["run", "resume", "end"]
+    assert log[0]["world_size"] == 2
+    sums = log[-1]["param_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+
+
+def test_fsdp_config_on_cpu_is_refused_not_silently_unsharded(tmp_path, data_dir):
+    """Accelerate selects FSDP only for accelerators: on CPU an FSDP launch config would run plain
+    DDP without a word. PyTorch's fully_shard itself works over gloo; Accelerate does not route it."""
+    cfg = tmp_path / "cpu_fsdp.yaml"
+    cfg.write_text((ROOT / "accelerate_configs" / "fsdp.yaml").read_text().replace("use_cpu: false", "use_cpu: true")
+                   .replace("num_processes: 8", "num_processes: 2").replace("mixed_precision: bf16", "mixed_precision: 'no'")
+                   .replace("gpu_ids: all\n", "") + f"main_process_port: {_free_port()}\n")
+    proc = launch(str(cfg), "--data", data_dir, "--out", tmp_path / "run", *TINY, "--max_steps", 2)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and "error: the launch config asks for FSDP" in out, out
+    assert not (tmp_path / "run").exists()
+
+
+def test_fused_adamw_steps_on_cpu():
+    model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=2, intermediate_size=64))
+    opt = build_optimizer(model, TrainConfig(), fused=True)
+    assert opt.defaults["fused"] is True
+    before = [p.detach().clone() for p in model.parameters()]
+    _, loss = model(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))
+    loss.backward()
+    opt.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_host_to_device_pins_only_for_cuda(monkeypatch):
+    batch = torch.arange(12).view(3, 4)
+    assert torch.equal(host_to_device(batch, torch.device("cpu")), batch)
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(1) or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)
+    host_to_device(batch, torch.device("cuda"))
+    assert pinned == [1]
+
+
+@pytest.mark.parametrize("name, precision, expected", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989e12), ("NVIDIA H100 PCIe", "bf16", 756e12),
+    ("NVIDIA A100-SXM4-80GB", "no", 156e12), ("NVIDIA H200", "fp16", 989e12), ("Some Future GPU", "bf16", None)])
+def test_peak_flops_table(monkeypatch, name, precision, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda"), precision, None) == expected
+    assert peak_flops(torch.device("cpu"), precision, None) is None
+    assert peak_flops(torch.device("cpu"), precision, 1e12) == 1e12
+
+
+def test_mfu_is_logged_against_peak_flops(tmp_path, data_dir):
+    run = tmp_path / "run"
+    assert train("--data", data_dir, "--out", run, *TINY, "--max_steps", 3, "--peak_flops", 1e12,
+                 "--eval_interval", 3, "--save_interval", 3) == 0
+    log = read_log(run / "train_log.jsonl")
+    model = Transformer(ModelConfig(**log[0]["config"]["model"]))
+    flops = model.flops_per_token(32)
+    for r in (r for r in log if "loss" in r):
+        assert r["mfu"] == pytest.approx(flops * r["tokens_per_s"] / 1e12, rel=1e-9)
+    assert json.loads((run / "config.json").read_text())["peak_flops"] == 1e12
