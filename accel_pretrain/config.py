@@ -34,27 +34,47 @@ class ModelConfig:
     rms_norm_eps: float = opt(1e-5, "epsilon of RMSNorm")
     tie_word_embeddings: bool = opt(True, "share the input embedding and the LM head")
     initializer_range: float = opt(0.02, "standard deviation of the initial weights")
+    head_dim: int | None = opt(None, "size of each attention head (default hidden_size / num_attention_heads)")
+    rope_scaling: dict | None = opt(None, "RoPE scaling as in HF rope_parameters: rope_type linear, llama3 or yarn "
+                                          "with its factor etc.")
+    qkv_bias: bool = opt(False, "biases on the q/k/v projections (Qwen2)")
+    qk_norm: bool = opt(False, "RMSNorm on each head's queries and keys before RoPE (Qwen3)")
+    model_type: str = opt("llama", "family written by export: llama, mistral, qwen2 or qwen3")
+    sliding_window: int | None = opt(None, "kept for export; attention is full, so it must cover the context")
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "intermediate_size", "max_position_embeddings"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1 (got {getattr(self, name)})")
-        if self.hidden_size % self.num_attention_heads:
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
             raise UserError(f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size "
-                            f"({self.hidden_size})")
+                            f"({self.hidden_size}), or set head_dim")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads "
                             f"({self.num_attention_heads})")
-        if self.head_dim % 2:
-            raise UserError(f"head size hidden_size/num_attention_heads = {self.head_dim} must be even for RoPE")
+        if self.head_size % 2:
+            raise UserError(f"head size {self.head_size} must be even for RoPE")
+        family = FAMILIES.get(self.model_type)
+        if family is None:
+            raise UserError(f"model_type {self.model_type!r} is not one of {', '.join(FAMILIES)}")
+        if (self.qkv_bias, self.qk_norm) != family:
+            raise UserError(f"model_type {self.model_type} has qkv_bias={family[0]} and qk_norm={family[1]}; "
+                            "those flags come with the family")
+        if self.rope_scaling and self.rope_scaling.get("rope_type") not in ROPE_TYPES:
+            raise UserError(f"rope_scaling type {self.rope_scaling.get('rope_type')!r} is not one of "
+                            f"{', '.join(ROPE_TYPES)}")
         if self.rope_theta <= 0 or self.rms_norm_eps <= 0 or self.initializer_range <= 0:
             raise UserError("rope_theta, rms_norm_eps and initializer_range must be positive")
 
+
+# (qkv_bias, qk_norm) of each family that export can write: one model.py, flags for the differences.
+FAMILIES = {"llama": (False, False), "mistral": (False, False), "qwen2": (True, False), "qwen3": (False, True)}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 # Named presets: each a few lines. vocab_size always comes from the data's meta.json.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -70,10 +90,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                  intermediate_size=2816),
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=8192, rope_theta=500000.0),
+    # Qwen3's layout: QK-norm, grouped-query attention, head_dim decoupled from hidden_size / heads.
+    "qwen3-small": dict(model_type="qwen3", qk_norm=True, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=4, head_dim=128, intermediate_size=1536, rope_theta=1000000.0),
+    "qwen2-small": dict(model_type="qwen2", qkv_bias=True, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=4, intermediate_size=1408, rope_theta=1000000.0),
 }
 
 # Parameters with the 8,192-token vocabulary that prepare trains by default.
-PRESET_SIZES = {"tiny": "1.0M", "mini": "5.3M", "small": "29.9M", "gpt2-124m": "91M", "350m": "317M", "1b": "990M"}
+PRESET_SIZES = {"tiny": "1.0M", "mini": "5.3M", "small": "29.9M", "gpt2-124m": "91M", "350m": "317M", "1b": "990M",
+                "qwen3-small": "35.1M", "qwen2-small": "27.8M"}
 
 @dataclass
 class TrainConfig:
@@ -196,6 +222,11 @@ def _convert(name: str, value: Any) -> Any:
             if isinstance(value, bool):
                 raise ValueError
             return float(value)
+        if tp is dict:
+            value = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
         return str(value)
     except (TypeError, ValueError):
         raise UserError(f"{name} must be {tp.__name__} (got {value!r})") from None

@@ -1,5 +1,6 @@
-"""CLI: a checkpoint -> a plain Hugging Face Llama folder (config.json, model.safetensors,
-generation_config.json, tokenizer) that loads with no custom code.
+"""CLI: a checkpoint -> a plain Hugging Face folder of the model's family (config.json,
+model.safetensors, generation_config.json, tokenizer) that loads with no custom code: Llama for a
+run from scratch, Mistral / Qwen2 / Qwen3 for a run started from one of those.
 
     python -m accel_pretrain.export SRC OUT [--dtype float32|bfloat16] [--overwrite]
 
@@ -7,6 +8,7 @@ SRC is a run directory (its latest checkpoint) or one checkpoint."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     out = export(args.src, args.out, args.dtype, args.overwrite)
-    print(f"exported {resolve_checkpoint(args.src)} -> {out} (LlamaForCausalLM, {args.dtype}); "
+    arch = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"exported {resolve_checkpoint(args.src)} -> {out} ({arch}, {args.dtype}); "
           f"load it with AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 

@@ -1,4 +1,5 @@
-"""State-dict and config adapter between our Transformer and transformers' LlamaForCausalLM.
+"""State-dict and config adapter between our Transformer and transformers' Llama, Mistral, Qwen2
+and Qwen3 models (the same module names in all four).
 
 One table serves both directions: export renames ours -> HF, import renames HF -> ours. Anything in
 an HF config that our model cannot represent is refused with the list of what differs."""
@@ -35,34 +36,53 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict
     return out
 
 
-def to_hf_config(cfg: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None):
-    from transformers import LlamaConfig
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "attention_factor",
+             "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate")
 
-    return LlamaConfig(
+
+def to_hf_config(cfg: ModelConfig, bos_token_id: int | None = None, eos_token_id: int | None = None):
+    """The transformers config of the model's family (Llama unless the run started from another)."""
+    from transformers import AutoConfig
+
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta} | (cfg.rope_scaling or {})
+    fields = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act="silu",
-        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_size, hidden_act="silu",
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps, rope_parameters=rope,
         tie_word_embeddings=cfg.tie_word_embeddings, initializer_range=cfg.initializer_range,
-        attention_bias=False, mlp_bias=False, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
-        architectures=["LlamaForCausalLM"],
-    )
+        bos_token_id=bos_token_id, eos_token_id=eos_token_id, architectures=[ARCHITECTURES[cfg.model_type]])
+    if cfg.model_type == "llama":
+        fields.update(attention_bias=False, mlp_bias=False)
+    elif cfg.model_type == "mistral":
+        fields.update(sliding_window=cfg.sliding_window)
+    else:
+        fields.update(use_sliding_window=False, sliding_window=cfg.sliding_window)
+        if cfg.model_type == "qwen3":
+            fields.update(attention_bias=False)
+        else:
+            del fields["head_dim"]  # Qwen2's config has none: hidden_size / heads
+    return AutoConfig.for_model(cfg.model_type, **fields)
 
 
-def _rope(hf: Any) -> tuple[float, str | None]:
-    params = getattr(hf, "rope_parameters", None) or {}
-    scaling = getattr(hf, "rope_scaling", None) or {}
+def _rope(hf: Any) -> tuple[float, dict[str, Any]]:
+    params = dict(getattr(hf, "rope_parameters", None) or {})
+    legacy = getattr(hf, "rope_scaling", None) or {}
     theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    return float(theta), kind
+    kind = params.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
+    scaling = {k: v for k, v in {**legacy, **params}.items() if k in ROPE_KEYS and v is not None}
+    return float(theta), {"rope_type": kind, **scaling}
 
 
 def from_hf_config(hf: Any) -> ModelConfig:
-    """Our config for an HF one, or a UserError naming every feature our model does not have."""
+    """Our config for an HF one of a supported family, or a UserError naming every feature our
+    model does not have."""
     differs = []
-    if getattr(hf, "model_type", None) != "llama":
-        differs.append(f"model_type is {getattr(hf, 'model_type', None)!r}, not 'llama'")
+    family = getattr(hf, "model_type", None)
+    if family not in ARCHITECTURES:
+        differs.append(f"model_type is {family!r}, not one of {', '.join(ARCHITECTURES)}")
     heads = getattr(hf, "num_attention_heads", 1)
     hidden = getattr(hf, "hidden_size", 0)
     if getattr(hf, "attention_bias", False):
@@ -72,21 +92,26 @@ def from_hf_config(hf: Any) -> ModelConfig:
     if getattr(hf, "hidden_act", "silu") != "silu":
         differs.append(f"hidden_act is {hf.hidden_act!r}, not 'silu'")
     head_dim = getattr(hf, "head_dim", None) or hidden // max(heads, 1)
-    if head_dim * heads != hidden:
-        differs.append(f"head_dim {head_dim} x {heads} heads != hidden_size {hidden}")
-    theta, kind = _rope(hf)
-    if kind != "default":
-        differs.append(f"rope scaling {kind!r} is not supported (only plain RoPE)")
+    theta, rope = _rope(hf)
+    if rope["rope_type"] not in ("default", "linear", "llama3", "yarn"):
+        differs.append(f"rope scaling {rope['rope_type']!r} is not supported (plain, linear, llama3 and yarn are)")
     if getattr(hf, "pretraining_tp", 1) != 1:
         differs.append("pretraining_tp != 1")
+    window = getattr(hf, "sliding_window", None)
+    windowed = getattr(hf, "use_sliding_window", family == "mistral")
+    if windowed and window is not None and window < hf.max_position_embeddings:
+        differs.append(f"sliding-window attention ({window} < {hf.max_position_embeddings} positions)")
     if differs:
-        raise UserError("this model does not fit our Llama architecture: " + "; ".join(differs))
+        raise UserError("this model does not fit our architecture: " + "; ".join(differs))
     return ModelConfig(
         vocab_size=hf.vocab_size, hidden_size=hidden, num_hidden_layers=hf.num_hidden_layers,
         num_attention_heads=heads, num_key_value_heads=getattr(hf, "num_key_value_heads", None) or heads,
         intermediate_size=hf.intermediate_size, max_position_embeddings=hf.max_position_embeddings,
         rope_theta=theta, rms_norm_eps=hf.rms_norm_eps, tie_word_embeddings=bool(hf.tie_word_embeddings),
         initializer_range=getattr(hf, "initializer_range", 0.02),
+        head_dim=head_dim if head_dim * heads != hidden else None,
+        rope_scaling=rope if rope["rope_type"] != "default" else None,
+        qkv_bias=family == "qwen2", qk_norm=family == "qwen3", model_type=family, sliding_window=window,
     )
 
 
@@ -99,11 +124,11 @@ def quiet_transformers() -> None:
 
 def to_hf_model(model: Transformer, bos_token_id: int | None = None, eos_token_id: int | None = None,
                 dtype: torch.dtype = torch.float32):
-    """A LlamaForCausalLM holding our weights (strict: every tensor must map)."""
-    from transformers import LlamaForCausalLM
+    """The transformers model of our family holding our weights (strict: every tensor must map)."""
+    from transformers import AutoModelForCausalLM
 
     quiet_transformers()
-    hf = LlamaForCausalLM(to_hf_config(model.config, bos_token_id, eos_token_id)).to(dtype)
+    hf = AutoModelForCausalLM.from_config(to_hf_config(model.config, bos_token_id, eos_token_id)).to(dtype)
     state = {k: v.detach().to(dtype) for k, v in to_hf_state_dict(model.state_dict()).items()}
     hf.load_state_dict(state, strict=True)
     hf.eval()
@@ -123,7 +148,7 @@ def load_hf_config(name_or_path: str):
 
 
 def from_hf_pretrained(name_or_path: str) -> Transformer:
-    """Our Transformer with the weights of a Llama-architecture checkpoint (folder or hub name)."""
+    """Our Transformer with the weights of a Llama, Mistral, Qwen2 or Qwen3 checkpoint (folder or hub name)."""
     from transformers import AutoModelForCausalLM
 
     cfg = from_hf_config(load_hf_config(name_or_path))

@@ -1,6 +1,9 @@
 """A Llama-style decoder, readable top to bottom: RMSNorm, RoPE, grouped-query attention through
 SDPA, SwiGLU. Module names mirror transformers' LlamaForCausalLM (without its `model.` prefix), so
-the state-dict adapter in hf.py is a renaming and every checkpoint loads in the Llama ecosystem."""
+the state-dict adapter in hf.py is a renaming and every checkpoint loads in the Llama ecosystem.
+
+The open families people start from differ by a few flags, all in this file: RoPE scaling (linear,
+Llama 3.1's, YaRN), q/k/v biases (Qwen2), QK-norm and a head_dim decoupled from the width (Qwen3)."""
 from __future__ import annotations
 
 import math
@@ -26,14 +29,59 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device, start: int = 0
+def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_size / 2,) and the factor applied to cos and sin, for plain RoPE and
+    the scalings of rope_scaling: `linear`, `llama3` (Llama 3.1+) and `yarn`, computed as
+    transformers' modeling_rope_utils computes them (tests compare both)."""
+    dim, base = cfg.head_size, cfg.rope_theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":  # long wavelengths slowed by `factor`, short ones kept, a smooth ramp between
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":  # interpolate low frequencies, keep high ones, scale attention by `attention_factor`
+        factor = scaling.get("factor") or cfg.max_position_embeddings / scaling["original_max_position_embeddings"]
+        old_len = scaling["original_max_position_embeddings"]
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+            attention = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = correction_dim(scaling.get("beta_fast") or 32), correction_dim(scaling.get("beta_slow") or 1)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        pos_freqs = base ** (torch.arange(0, dim, 2, device=device).float() / dim)
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=device) - lo) / ((hi - lo) or 0.001), 0, 1)
+        extrapolation = 1 - ramp
+        return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation, attention
+    return inv_freq, 1.0
+
+
+def rope_cos_sin(cfg: ModelConfig, seq_len: int, device: torch.device, start: int = 0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary tables (seq_len, head_dim) for positions start.., computed in float32 each call: no
+    """Rotary tables (seq_len, head_size) for positions start.., computed in float32 each call: no
     buffers to keep in sync across dtype casts, sharding or compile, and the cost is negligible."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    inv_freq, scale = rope_inv_freq(cfg, device)
     freqs = torch.outer(torch.arange(start, start + seq_len, device=device, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +99,7 @@ class KVCache:
     costs one pass over the weights and no reallocation. `pos` is the number of positions filled."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_size)
         self.layers = [(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
                        for _ in range(cfg.num_hidden_layers)]
         self.max_len = max_len
@@ -61,11 +109,14 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_size
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:  # per-head RMSNorm of queries and keys, before RoPE (Qwen3)
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0) -> torch.Tensor:
@@ -73,6 +124,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask, causal = None, True
         if kv is not None:  # decoding: append to the cache and attend to everything written so far
@@ -134,6 +187,8 @@ class Transformer(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 is_residual = name.endswith(("o_proj", "down_proj"))
                 nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
@@ -153,7 +208,7 @@ class Transformer(nn.Module):
         if cache is not None and pos + input_ids.shape[1] > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {pos + input_ids.shape[1]} needed")
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(input_ids.shape[1], self.config.head_dim, self.config.rope_theta, x.device, pos)
+        cos, sin = rope_cos_sin(self.config, input_ids.shape[1], x.device, pos)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, pos)
         if cache is not None:
@@ -181,4 +236,4 @@ class Transformer(nn.Module):
         """Training FLOPs per token: 6N for the matmuls forward and backward plus 12*L*d*T for
         attention scores and values (PaLM appendix B; nanoGPT's estimate_mfu)."""
         c = self.config
-        return 6 * self.num_params(embedding=False) + 12 * c.num_hidden_layers * c.hidden_size * seq_len
+        return 6 * self.num_params(embedding=False) + 12 * c.num_hidden_layers * c.num_attention_heads * c.head_size * seq_len

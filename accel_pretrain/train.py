@@ -15,6 +15,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ import torch
 
 from . import __version__
 from .checkpoint import list_checkpoints, read_state, resolve_checkpoint, save_checkpoint
-from .config import MODEL_FIELDS, TrainConfig, changes, flatten, help_text, resolve, save_json
+from .config import (MODEL_FIELDS, TrainConfig, changes, flatten, help_text, model_config_from_dict, resolve,
+                     save_json)
 from .data import TokenData, check_same_tokenizer, step_windows
 from .errors import UserError, run_cli
 from .evaluate import metrics, score
@@ -114,9 +116,9 @@ def check_trackers(report_to: str) -> None:
 
 def check_resume(ckpt: Path, cfg: TrainConfig, data: TokenData) -> dict[str, Any]:
     state = read_state(ckpt)
-    ours = cfg.to_dict()["model"]
-    diffs = [f"{k} {state['model_config'].get(k)} -> {v}" for k, v in ours.items()
-             if k != "initializer_range" and state["model_config"].get(k) != v]
+    saved = asdict(model_config_from_dict(state["model_config"]))  # fields it predates take their defaults
+    diffs = [f"{k} {saved[k]} -> {v}" for k, v in cfg.to_dict()["model"].items()
+             if k != "initializer_range" and saved[k] != v]
     if diffs:
         raise UserError(f"cannot resume {ckpt}: the model shape differs ({', '.join(diffs)})")
     if state.get("data_fingerprint") != data.fingerprint():

@@ -55,7 +55,7 @@ def test_train_rejects_bad_data(tmp_path, data_dir, capsys, how, expected):
     (["--block_size", "3000", "--max_position_embeddings", "4096"], "needs at least 3001 tokens"),
     (["--block_size", "5000"], "exceeds max_position_embeddings"),
     (["--preset", "huge"], "unknown preset"),
-    (["--init_from", "NOT_LLAMA"], "does not fit our Llama architecture"),
+    (["--init_from", "NOT_LLAMA"], "does not fit our architecture"),
 ])
 def test_train_rejects_bad_config(tmp_path, data_dir, capsys, args, expected):
     if "NOT_LLAMA" in args:

@@ -64,7 +64,7 @@ def test_import_from_llama_checkpoint_and_round_trip(tmp_path, tie, heads, kv, t
 @pytest.mark.parametrize("change, expected", [
     (dict(attention_bias=True), "attention_bias"),
     (dict(mlp_bias=True), "mlp_bias"),
-    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "rope scaling 'linear'"),
+    (dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}), "rope scaling 'dynamic'"),
     (dict(hidden_act="gelu"), "hidden_act"),
 ])
 def test_unsupported_llama_variants_are_named(change, expected):

@@ -1,0 +1,139 @@
+"""The open checkpoints people start from (Llama 3.x RoPE scaling, Mistral, Qwen2/2.5, Qwen3), as small
+random models built and saved with transformers: import, logits, export back, loss, cached decoding."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from accel_pretrain.data import Ids
+from accel_pretrain.evaluate import score
+from accel_pretrain.generate import generate
+from accel_pretrain.hf import from_hf_config, from_hf_pretrained, to_hf_config, to_hf_model, to_hf_state_dict
+from accel_pretrain.model import rope_inv_freq
+from tests.helpers import TINY, train
+
+V = 512
+COMMON = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+FAMILIES = {
+    "llama3": ("llama", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 16}, tie_word_embeddings=True)),
+    "llama-linear": ("llama", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})),
+    "mistral": ("mistral", dict(sliding_window=None, head_dim=24, tie_word_embeddings=False)),
+    "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen2.5-yarn": ("qwen2", dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0,
+                                                    "original_max_position_embeddings": 16})),
+    "qwen3": ("qwen3", dict(head_dim=24, tie_word_embeddings=True)),
+}
+
+
+def random_hf_model(name: str):
+    """A transformers model of the family with every weight random, biases and norms included, so
+    that a dropped or misplaced tensor changes the logits."""
+    model_type, extra = FAMILIES[name]
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **COMMON, **extra)).eval()
+    with torch.no_grad():
+        for pname, p in hf.named_parameters():
+            if "norm" in pname:
+                p.uniform_(0.5, 1.5)
+            elif pname.endswith("bias"):
+                p.normal_(0, 0.5)
+    return hf
+
+
+@pytest.fixture(params=list(FAMILIES))
+def saved(request, tmp_path):
+    hf = random_hf_model(request.param)
+    hf.save_pretrained(tmp_path / request.param)
+    return request.param, hf, tmp_path / request.param
+
+
+def test_rope_inv_freq_equals_transformers():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for name in ("llama3", "llama-linear", "qwen2.5-yarn"):
+        hf = random_hf_model(name)
+        ours = from_hf_config(hf.config)
+        kind = hf.config.rope_parameters["rope_type"]
+        want, want_scale = ROPE_INIT_FUNCTIONS[kind](hf.config, None)
+        got, scale = rope_inv_freq(ours)
+        assert torch.equal(got, want) and scale == want_scale, name
+
+
+def test_import_logits_export_loss_and_decoding_match_transformers(saved):
+    name, hf, folder = saved
+    ours = from_hf_pretrained(str(folder)).eval()
+    assert ours.config.model_type == FAMILIES[name][0]
+    x = torch.randint(0, V, (2, 40))
+    with torch.no_grad():
+        assert (ours(x)[0] - hf(x).logits).abs().max().item() < 1e-5
+
+    back = to_hf_state_dict(ours.state_dict())
+    original = hf.state_dict()
+    assert set(back) == set(original)
+    assert all(torch.equal(back[k], v) for k, v in original.items())
+    again = to_hf_model(ours)
+    assert type(again) is type(hf)
+    with torch.no_grad():
+        assert torch.equal(again(x).logits, hf(x).logits)
+
+    ids = np.random.default_rng(0).integers(0, V, 300).astype(np.uint16)
+    loss_sum, count = score(ours, Ids([[ids]], [1.0]), 32, 4, None, torch.device("cpu"))
+    windows = torch.from_numpy(np.stack([ids[s:s + 33] for s in range(0, 300 - 32, 32)]).astype(np.int64))
+    with torch.no_grad():
+        logits = hf(windows[:, :-1]).logits
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, V), windows[:, 1:].reshape(-1)).item()
+    assert abs(loss_sum.item() / count.item() - want) < 1e-5
+
+    prompt = torch.randint(0, V, (1, 5))
+    mine = generate(ours, prompt, 12, temperature=0)
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)[:, 5:]
+    assert torch.equal(mine, theirs)
+
+
+def test_config_round_trip_keeps_the_family(saved):
+    name, hf, folder = saved
+    ours = from_hf_pretrained(str(folder))
+    cfg = to_hf_config(ours.config)
+    assert cfg.model_type == hf.config.model_type and cfg.architectures == hf.config.architectures
+    assert cfg.rope_parameters == hf.config.rope_parameters
+    assert getattr(cfg, "head_dim", None) == getattr(hf.config, "head_dim", None)
+
+
+def test_run_from_qwen2_exports_qwen2_that_transformers_loads(tmp_path, data_dir):
+    from transformers import pipeline
+
+    from accel_pretrain.export import export
+
+    hf = random_hf_model("qwen2")
+    src = tmp_path / "qwen2"
+    hf.save_pretrained(src)
+    AutoTokenizer.from_pretrained(str(data_dir / "tokenizer")).save_pretrained(src)
+    run = tmp_path / "run"
+    assert train("--data", data_dir, "--out", run, *TINY[2:], "--init_from", src, "--max_steps", 2,
+                 "--eval_interval", 2, "--save_interval", 2) == 0
+    out = export(str(run), str(tmp_path / "hf"))
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(loaded).__name__ == "Qwen2ForCausalLM"
+    assert all(p.abs().sum() > 0 for n, p in loaded.named_parameters() if n.endswith("bias"))
+    text = pipeline("text-generation", model=str(out), max_new_tokens=4)("the cat")[0]["generated_text"]
+    assert text.startswith("the cat")
+
+
+def test_qwen3_preset_trains_and_exports_qwen3(tmp_path, data_dir):
+    from accel_pretrain.export import export
+
+    run = tmp_path / "run"
+    assert train("--data", data_dir, "--out", run, *TINY[2:], "--preset", "qwen3-small", "--hidden_size", 64,
+                 "--num_hidden_layers", 1, "--head_dim", 32, "--intermediate_size", 96, "--max_steps", 2,
+                 "--eval_interval", 2, "--save_interval", 2) == 0
+    out = export(str(run), str(tmp_path / "hf"))
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(loaded).__name__ == "Qwen3ForCausalLM" and loaded.config.head_dim == 32
