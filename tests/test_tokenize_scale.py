@@ -226,3 +226,16 @@ def test_merge_refuses_other_tokenizer_and_missing_shards(tmp_path, data_dir, ca
     assert "every shard" in capsys.readouterr().err
     assert merge_main([str(data_dir), str(tmp_path / "other"), "--out", str(tmp_path / "m")]) == 2
     assert "another tokenizer" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_jsonl_record_longer_than_a_read_and_no_final_newline(tmp_path, data_dir):
+    docs = [long_document(2_500_000, seed=7), "short one", long_document(3000, seed=8)]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": docs[0]}) + "\r\n" + json.dumps({"text": docs[1]}) + "\n\n"
+                      + json.dumps({"text": docs[2]}), encoding="utf-8")
+    assert main([str(corpus), "--tokenizer", str(data_dir / "tokenizer"), "--out", str(tmp_path / "d")]) == 0
+    meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+    backend, _ = encode_fn(data_dir / "tokenizer")
+    ids = np.concatenate([np.load(tmp_path / "d" / "train_ids.npy"), np.load(tmp_path / "d" / "valid_ids.npy")])
+    expected = [i for d in docs for i in backend.encode(d, add_special_tokens=False).ids + [meta["eos_token_id"]]]
+    assert meta["documents"] == 3 and ids.tolist() == expected

@@ -249,22 +249,21 @@ def _iter_json(src: Source, opts: ReadOptions) -> Iterator[Part]:
         lineno += 1
         text = decode(b"".join(line)).strip()
         line = []
-        if not text:
-            continue
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PrepareError(f"{src.name}:{lineno}: invalid JSON line ({e.msg})") from None
-        if (doc := _field(rec, src, f":{lineno}", opts.text_field)).strip():
+        if text and (doc := _json_line(text, src, lineno, opts)):
             yield doc, True
-    text = decode(b"".join(line), final=True).strip()
-    if text:
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PrepareError(f"{src.name}:{lineno + 1}: invalid JSON line ({e.msg})") from None
-        if (doc := _field(rec, src, f":{lineno + 1}", opts.text_field)).strip():
-            yield doc, True
+    text = decode(b"".join(line), final=True).strip()  # a last line without a newline
+    if text and (doc := _json_line(text, src, lineno + 1, opts)):
+        yield doc, True
+
+
+def _json_line(text: str, src: Source, lineno: int, opts: ReadOptions) -> str | None:
+    """The text of one jsonl record, None when it is blank."""
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PrepareError(f"{src.name}:{lineno}: invalid JSON line ({e.msg})") from None
+    doc = _field(rec, src, f":{lineno}", opts.text_field)
+    return doc if doc.strip() else None
 
 
 def _iter_parquet(src: Source, opts: ReadOptions) -> Iterator[Part]:
