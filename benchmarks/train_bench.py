@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import statistics
 import sys
@@ -125,10 +126,11 @@ def accelerate_tokens_per_s(data: Path, root: Path, args: argparse.Namespace, pr
     from accel_pretrain.train import main
 
     run = root / f"run-{precision}-{i}"
-    main(["--data", str(data), "--out", str(run), "--preset", args.preset, "--block_size", str(args.block_size),
-          "--micro_batch_size", str(args.micro_batch_size), "--max_steps", str(args.steps + 2), "--log_interval", "1",
-          "--eval_interval", "100000", "--eval_iters", "1", "--save_interval", "100000", "--mixed_precision", precision]
-         + (["--compile"] if args.compile else []))
+    with contextlib.redirect_stdout(io.StringIO()):  # its per-step progress lines; the log has the figures
+        main(["--data", str(data), "--out", str(run), "--preset", args.preset, "--block_size", str(args.block_size),
+              "--micro_batch_size", str(args.micro_batch_size), "--max_steps", str(args.steps + 2), "--log_interval",
+              "1", "--eval_interval", "100000", "--eval_iters", "1", "--save_interval", "100000", "--mixed_precision",
+              precision] + (["--compile"] if args.compile else []))
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     lines = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
