@@ -113,8 +113,12 @@ class TrainConfig:
     block_size: int = opt(256, "tokens per window (context length)")
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
     lr: float = opt(6e-4, "peak learning rate, reached after warmup")
-    min_lr: float | None = opt(None, "learning rate at the end of the cosine (default lr / 10)")
+    min_lr: float | None = opt(None, "learning rate at the end of the schedule (default lr / 10)")
     warmup_steps: int = opt(100, "steps of linear warmup")
+    lr_schedule: str = opt("cosine", "after warmup: cosine to min_lr, or wsd (constant, then a final decay)")
+    decay_fraction: float = opt(0.2, "wsd: the share of max_steps spent decaying at the end")
+    decay_shape: str = opt("linear", "wsd: linear or 1-sqrt decay to min_lr")
+    optimizer: str = opt("adamw", "adamw, or muon: Muon for the matrices inside the blocks, AdamW for the rest")
     weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms)")
     beta1: float = opt(0.9, "AdamW beta1")
     beta2: float = opt(0.95, "AdamW beta2")
@@ -152,6 +156,12 @@ class TrainConfig:
             raise UserError("warmup_steps, weight_decay and grad_clip must not be negative")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise UserError("beta1 and beta2 must be in [0, 1)")
+        if self.optimizer not in ("adamw", "muon"):
+            raise UserError(f"optimizer must be adamw or muon (got {self.optimizer!r})")
+        if self.lr_schedule not in ("cosine", "wsd"):
+            raise UserError(f"lr_schedule must be cosine or wsd (got {self.lr_schedule!r})")
+        if self.decay_shape not in ("linear", "1-sqrt") or not 0 < self.decay_fraction <= 1:
+            raise UserError("decay_shape must be linear or 1-sqrt and decay_fraction in (0, 1]")
         if self.report_to not in ("none", "wandb", "tensorboard", "all"):
             raise UserError(f"report_to must be none, wandb, tensorboard or all (got {self.report_to!r})")
         if self.mixed_precision not in (None, "no", "bf16", "fp16", "auto"):

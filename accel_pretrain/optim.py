@@ -10,24 +10,71 @@ from .config import TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup to lr over warmup_steps,
-    then cosine down to min_lr at max_steps. Independent of the number of processes."""
+    """Learning rate for optimizer step `step` (0-based): linear warmup to lr over warmup_steps, then
+    cosine down to min_lr at max_steps, or (wsd) lr held constant until the last decay_fraction of
+    max_steps and a linear or 1-sqrt decay to min_lr. A wsd run resumed with a larger max_steps from
+    before its decay simply stays constant longer. Independent of the number of processes."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "wsd":
+        decay_start = max(cfg.warmup_steps, cfg.max_steps - round(cfg.decay_fraction * cfg.max_steps))
+        if step < decay_start or cfg.max_steps <= decay_start:
+            return cfg.lr
+        progress = min(1.0, (step - decay_start) / (cfg.max_steps - decay_start))
+        left = 1.0 - progress if cfg.decay_shape == "linear" else 1.0 - math.sqrt(progress)
+        return cfg.min_lr + left * (cfg.lr - cfg.min_lr)
     if cfg.max_steps <= cfg.warmup_steps:
         return cfg.lr
     progress = min(1.0, (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
-    """Weight decay on matrices and embeddings only; norms and biases (1-D) are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
+class MuonAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon for the 2-D weight matrices inside the blocks and AdamW for the rest, as one
+    optimizer: train.py, Accelerate, the lr scheduler and checkpoints see a single object whose
+    param_groups are both optimizers' groups and whose state holds both states (the two own disjoint
+    parameters, so one dict serves them)."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+        self.muon, self.adamw = muon, adamw
+        super().__init__(muon.param_groups + adamw.param_groups, {})
+        self._share()
+
+    def _share(self) -> None:
+        n = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
+        self.muon.step()
+        self.adamw.step()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._share()  # loading replaces the group dicts and the state dict
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices and embeddings only (norms and biases are not decayed);
+    or, with --optimizer muon, Muon for the matrices inside the blocks and that AdamW for the rest.
+
+    Muon's step is scaled to the RMS of an AdamW step (torch's adjust_lr_fn="match_rms_adamw":
+    0.2 * sqrt(max(rows, cols)), Moonshot's rule), so both groups take the same --lr and a tuned
+    AdamW learning rate carries over without a new sweep."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the unwrapped model
+    hidden = [p for n, p in named if cfg.optimizer == "muon" and p.ndim == 2 and n.startswith("layers.")]
+    rest = [p for p in (p for _, p in named) if all(p is not h for h in hidden)]
     groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in rest if p.ndim < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    if cfg.optimizer != "muon":
+        return adamw
+    muon = torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True,
+                            adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW(muon, adamw)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:

@@ -1,6 +1,7 @@
 """The training loop: learning, accumulation, schedule, exact resume, DDP over gloo, two machines, trackers."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import socket
@@ -128,3 +129,51 @@ def test_wandb_offline_writes_a_run(tmp_path, data_dir, monkeypatch):
                  "--save_interval", 2, "--report_to", "wandb") == 0
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt"])
+def test_wsd_schedule_and_extending_before_the_decay(tmp_path, data_dir, shape):
+    cfg = TrainConfig(lr=3e-3, min_lr=3e-4, warmup_steps=2, max_steps=20, lr_schedule="wsd", decay_fraction=0.25,
+                      decay_shape=shape)
+    lrs = [lr_at(s, cfg) for s in range(20)]
+    assert lrs[:2] == pytest.approx([1.5e-3, 3e-3]) and set(lrs[2:16]) == {3e-3}  # the decay starts at step 15
+    assert all(a > b for a, b in zip(lrs[15:], lrs[16:])) and lrs[-1] > 3e-4
+    run = tmp_path / "run"
+    args = ["--data", data_dir, "--out", run, *TINY, "--warmup_steps", 2, "--lr_schedule", "wsd", "--decay_fraction",
+            0.25, "--decay_shape", shape, "--eval_interval", 100, "--save_interval", 8]
+    assert train(*args, "--max_steps", 20) == 0
+    shutil.rmtree(run / "checkpoints/step_0000016")
+    shutil.rmtree(run / "checkpoints/step_0000020")
+    assert train("--out", run, "--resume", "--max_steps", 40) == 0  # from step 8, still in the constant phase
+    logged = {r["step"]: r["lr"] for r in train_lines(run)}
+    assert [logged[s] for s in range(9, 31)] == [3e-3] * 22  # constant until the new decay at step 30
+    assert logged[40] == pytest.approx(lr_at(39, dataclasses.replace(cfg, max_steps=40)))
+
+
+def test_muon_trains_resumes_bit_identically_and_exports(tmp_path, data_dir):
+    from accel_pretrain.export import export
+
+    run = tmp_path / "run"
+    args = ["--data", data_dir, "--out", run, *TINY, "--optimizer", "muon", "--max_steps", 8, "--eval_interval", 8,
+            "--save_interval", 4, "--gradient_accumulation_steps", 2, "--micro_batch_size", 2]
+    assert train(*args) == 0
+    losses = [r["loss"] for r in train_lines(run)]
+    assert losses[-1] < losses[0]
+    final = weights(run / "checkpoints/step_0000008")
+    shutil.rmtree(run / "checkpoints/step_0000008")
+    assert train("--out", run, "--resume") == 0
+    resumed = weights(run / "checkpoints/step_0000008")
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+    hf = export(str(run), str(tmp_path / "hf"))
+    assert train("--data", data_dir, "--out", tmp_path / "again", "--init_from", hf, "--optimizer", "muon",
+                 "--max_steps", 2, "--eval_interval", 2, "--save_interval", 2, "--block_size", 32) == 0
+
+
+def test_muon_ddp_ranks_stay_identical(tmp_path, data_dir):
+    run = tmp_path / "run"
+    proc = launch("cpu_ddp.yaml", "--data", data_dir, "--out", run, *TINY, "--optimizer", "muon", "--max_steps", 4,
+                  "--eval_interval", 4, "--save_interval", 4, extra=["--main_process_port", str(_free_port())])
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    sums = read_log(run / "train_log.jsonl")[-1]["param_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
