@@ -136,6 +136,7 @@ class TrainConfig:
     project_name: str = opt("accel-pretrain", "tracker project name")
     mixed_precision: str | None = opt(None, "no (fp32), bf16, fp16 or auto; default: the accelerate config's")
     compile: bool = opt(False, "torch.compile the model")
+    document_masking: bool = opt(False, "attend only within each document of a window (documents end at EOS)")
     peak_flops: float | None = opt(None, "peak FLOP/s per device for MFU (default: looked up for known GPUs)")
     overwrite: bool = opt(False, "replace an existing run in --out")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -286,7 +287,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             raise UserError(f"unknown option --{key}; see --help for the fields")
         if not eq:
             nxt = args[i + 1] if i + 1 < len(args) else None
-            takes_flag = key in ("resume", "overwrite", "compile", "tie_word_embeddings")
+            takes_flag = key in ("resume", "overwrite", "compile", "tie_word_embeddings", "document_masking")
             if nxt is None or (nxt.startswith("--") and takes_flag):
                 if not takes_flag:
                     raise UserError(f"--{key} needs a value")

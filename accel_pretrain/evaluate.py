@@ -16,12 +16,15 @@ import torch.nn.functional as F
 
 from .data import Ids, TokenData, check_same_tokenizer, unigram_loss
 from .errors import UserError, run_cli
+from .model import document_mask
 
 
 @torch.no_grad()
 def score(model: torch.nn.Module, ids: Ids, block_size: int, batch_size: int, max_windows: int | None,
-          device: torch.device, rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of target losses in nats, number of targets) over this rank's share of the windows.
+          device: torch.device, rank: int = 0, world: int = 1, eos_token_id: int | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of target losses in nats, number of targets) over this rank's share of the windows; with
+    eos_token_id, each token attends only within its own document (document_mask).
 
     Every rank runs the same number of forwards (padding with weight-0 windows) so sharded models
     (FSDP) never wait on a rank that has finished."""
@@ -38,7 +41,8 @@ def score(model: torch.nn.Module, ids: Ids, block_size: int, batch_size: int, ma
         if len(chosen) == 0:
             chosen, weight = all_starts[:1], 0.0
         xy = ids.windows(chosen, block_size).to(device)
-        logits, _ = model(xy[:, :-1])
+        x = xy[:, :-1]
+        logits, _ = model(x, None, document_mask(x, eos_token_id) if eos_token_id is not None else None)
         losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), xy[:, 1:].reshape(-1), reduction="sum")
         loss_sum += weight * losses.double()
         count += weight * xy[:, 1:].numel()
@@ -64,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block_size", type=int, default=None, help="window length (default: the run's block_size, else 256)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_windows", type=int, default=None, help="score only the first K windows")
+    p.add_argument("--document_masking", action="store_true",
+                   help="attend only within each document of a window, as a run trained with it does")
     args = p.parse_args(argv)
     data = TokenData(args.data)
     model, tokenizer, state = load_any(args.model)
@@ -79,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
                         f"{model.config.max_position_embeddings}")
     data.check_ids_below(model.config.vocab_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loss_sum, count = score(model.to(device), data.valid, block, args.batch_size, args.max_windows, device)
+    eos = data.meta.get("eos_token_id") if args.document_masking else None
+    loss_sum, count = score(model.to(device), data.valid, block, args.batch_size, args.max_windows, device,
+                            eos_token_id=eos)
     result = metrics(loss_sum.item(), count.item(), data.bytes_per_token)
     targets = data.valid.windows(data.valid.eval_starts(block, args.max_windows), block)[:, 1:].numpy()
     result["unigram_loss"] = unigram_loss(data.train, targets, model.config.vocab_size)

@@ -94,6 +94,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def document_mask(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Boolean attention mask (B, 1, T, T) for windows that span several documents: causal, and each
+    token sees only the earlier tokens of its own document (a document ends with its EOS token).
+    Positions are not restarted at document starts: RoPE scores depend only on the distance between
+    two tokens, so within a document the attention is exactly that of the document on its own."""
+    is_eos = (input_ids == eos_token_id).long()
+    doc = torch.cumsum(is_eos, dim=1) - is_eos
+    T = input_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
 class KVCache:
     """Keys and values of every layer, preallocated for max_len positions, so that decoding a token
     costs one pass over the weights and no reallocation. `pos` is the number of positions filled."""
@@ -119,7 +131,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0) -> torch.Tensor:
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -127,7 +140,7 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, causal = None, True
+        mask, causal = attn_mask, attn_mask is None
         if kv is not None:  # decoding: append to the cache and attend to everything written so far
             kv[0][:, :, pos:pos + T], kv[1][:, :, pos:pos + T] = k, v
             k, v = kv[0][:, :, :pos + T], kv[1][:, :, :pos + T]
@@ -161,8 +174,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, pos)
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, pos, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -192,16 +206,18 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, given targets, the mean cross-entropy (ignore_index -100)."""
-        logits = self.lm_head(self.hidden_states(input_ids))
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) and, given targets, the mean cross-entropy (ignore_index -100).
+        attn_mask (B, 1, T, T), e.g. document_mask, replaces the plain causal mask."""
+        logits = self.lm_head(self.hidden_states(input_ids, attn_mask=attn_mask))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, hidden). With a cache, input_ids continue the sequence
         held in it (positions cache.pos..) and their keys and values are appended."""
         pos = cache.pos if cache is not None else 0
@@ -210,7 +226,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.config, input_ids.shape[1], x.device, pos)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, pos)
+            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, pos, attn_mask)
         if cache is not None:
             cache.pos += input_ids.shape[1]
         return self.norm(x)

@@ -28,7 +28,7 @@ from .config import (MODEL_FIELDS, TrainConfig, changes, flatten, help_text, mod
 from .data import TokenData, check_same_tokenizer, step_windows
 from .errors import UserError, run_cli
 from .evaluate import metrics, score
-from .model import Transformer
+from .model import Transformer, document_mask
 from .optim import apply_config_to_schedule, build_optimizer, build_scheduler
 from .tracking import RunLog, peak_flops, trackers_for
 
@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.model.vocab_size = data.vocab_size
     cfg.validate()
     data.check_block_size(cfg.block_size)
+    if cfg.document_masking and data.meta.get("eos_token_id") is None:
+        raise UserError(f"--document_masking needs the EOS id that ends each document; {data.spec} has none in meta.json")
     ckpt = prepare_run_dir(cfg)
     before = flatten(read_state(ckpt).get("config", {})) if ckpt else {}
     check_trackers(cfg.report_to)
@@ -209,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     elapsed_before = state.get("elapsed_s", 0.0)
 
     world, rank = accelerator.num_processes, accelerator.process_index
+    eos = data.meta.get("eos_token_id") if cfg.document_masking else None  # documents end at EOS
     mb, ga, T = cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.block_size
     tokens_per_step = mb * T * ga * world
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
@@ -238,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 "elapsed_s": elapsed_before + time.perf_counter() - t_start, "config": cfg.to_dict()}
 
     def evaluate(step: int) -> dict[str, float]:
-        loss_sum, count = score(model, data.valid, T, mb, cfg.eval_iters * mb, accelerator.device, rank, world)
+        loss_sum, count = score(model, data.valid, T, mb, cfg.eval_iters * mb, accelerator.device, rank, world, eos)
         m = metrics(accelerator.reduce(loss_sum, "sum").item(), accelerator.reduce(count, "sum").item(),
                     data.bytes_per_token)
         record = {"step": step, "val_loss": m["loss"], "val_ppl": m["perplexity"], "val_bpb": m.get("bits_per_byte")}
@@ -270,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
             lr = optimizer.param_groups[0]["lr"]
             for micro in range(ga):
                 xy = batch[micro * mb:(micro + 1) * mb]
+                x, y = xy[:, :-1], xy[:, 1:]
                 with accelerator.accumulate(model):
-                    _, loss = model(xy[:, :-1], xy[:, 1:])
+                    _, loss = model(x, y, document_mask(x, eos) if eos is not None else None)
                     accelerator.backward(loss)
                     loss_sum += loss.detach()
                     if accelerator.sync_gradients:

@@ -175,3 +175,24 @@ def test_torch_compile_fullgraph_forward_and_backward():
     assert torch.allclose(loss_e, loss_c, atol=1e-5)
     for (name, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+def test_document_mask_makes_each_document_see_only_itself():
+    from accel_pretrain.model import document_mask
+
+    torch.manual_seed(0)
+    model = Transformer(small_config(True, 4, 2, 10000.0)).eval()
+    eos = 5
+    a, b = torch.randint(6, 211, (1, 9)), torch.randint(6, 211, (1, 12))
+    window = torch.cat([a, torch.tensor([[eos]]), b], dim=1)
+    mask = document_mask(window, eos)
+    m = mask[0, 0]
+    assert mask.shape == (1, 1, 22, 22) and m[9, 8] and m[11, 10] and not m[10, 9] and not m[3, 4]
+    with torch.no_grad():
+        masked = model(window, attn_mask=mask)[0]
+        plain = model(window)[0]
+        alone = model(b)[0]
+    # RoPE depends on distances only: within its document, b at offset 10 computes what b alone does
+    assert (masked[:, 10:] - alone).abs().max().item() < 1e-5
+    assert (plain[:, 10:] - alone).abs().max().item() > 1e-3
+    assert torch.equal(masked[:, :10], plain[:, :10])

@@ -177,3 +177,24 @@ def test_muon_ddp_ranks_stay_identical(tmp_path, data_dir):
     assert proc.returncode == 0, out
     sums = read_log(run / "train_log.jsonl")[-1]["param_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
+
+
+def test_document_masking_trains_resumes_and_evaluates(tmp_path, data_dir, capsys):
+    from accel_pretrain import evaluate
+    from accel_pretrain.errors import run_cli
+
+    run = tmp_path / "run"
+    args = ["--data", data_dir, "--out", run, *TINY, "--document_masking", "--max_steps", 6, "--eval_interval", 3,
+            "--save_interval", 3]
+    assert train(*args) == 0
+    final = weights(run / "checkpoints/step_0000006")
+    shutil.rmtree(run / "checkpoints/step_0000006")
+    assert train("--out", run, "--resume") == 0
+    assert all(torch.equal(final[k], v) for k, v in weights(run / "checkpoints/step_0000006").items())
+    capsys.readouterr()
+    results = []
+    for extra in ([], ["--document_masking"]):
+        assert run_cli(evaluate.main, [str(run), "--data", str(data_dir), "--max_windows", "8", *extra]) == 0
+        results.append(json.loads(capsys.readouterr().out)["loss"])
+    evals = [r["val_loss"] for r in read_log(run / "train_log.jsonl") if "val_loss" in r]
+    assert results[1] == pytest.approx(evals[-1], rel=1e-6) and results[0] != results[1]
