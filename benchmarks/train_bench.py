@@ -1,13 +1,15 @@
 """Training throughput: our step as `accel_pretrain.train` runs it (through Accelerate) against
-(a) a bare PyTorch loop of the same model and batch and (b) the device's dense matmul
-throughput in the same precision, all measured in this run. Runs on the GPU when there is one.
+(a) a bare PyTorch loop of the same model and batch, (b) a plain GPT-2-layout step (LayerNorm,
+GELU MLP, learned positions, SDPA, AdamW; nanoGPT's model) with the same width, depth, heads and
+FLOPs per token, and (c) the device's dense matmul throughput in the same precision, all measured
+in this run. Runs on the GPU when there is one.
 
-    python benchmarks/train_bench.py [--preset small] [--vocab 8192] [--block_size 256]
-        [--micro_batch_size 8] [--precision no bf16] [--steps 12] [--repeats 3] [--compile]
-        [--max_batch]
+    python benchmarks/train_bench.py [--preset small] [--hidden_size H --num_hidden_layers L
+        --num_attention_heads A] [--vocab 8192] [--block_size 256] [--micro_batch_size 8]
+        [--precision no bf16] [--steps 12] [--repeats 3] [--compile] [--max_batch]
 
-Prints medians and the ratios (targets on CPU: Accelerate >= 0.97 of bare; fp32 >= 0.75 and
-bf16 >= 0.50 of matmul). On a GPU it adds MFU against the data-sheet peak, peak memory, and
+Prints medians and the ratios (targets on CPU: Accelerate >= 0.97 of bare; ours >= 1.0 of the
+GPT-2 step; fp32 >= 0.75 and bf16 >= 0.50 of matmul). On a GPU it adds MFU against the data-sheet peak, peak memory, and
 with --max_batch the largest micro-batch that fits."""
 from __future__ import annotations
 
@@ -72,12 +74,12 @@ def matmul_flops(precision: str, repeats: int = 5) -> float:
     return 2 * n ** 3 / median_time(synced(lambda: F.linear(a, b)), repeats)
 
 
-def bare_step(cfg: ModelConfig, block_size: int, micro_batch: int, precision: str, compile: bool = False
-              ) -> Callable[[], None]:
-    """The same model, batch, AdamW and clipping in plain PyTorch: no Accelerate. profile_step.py
-    profiles this very step."""
+def bare_step(cfg: ModelConfig, block_size: int, micro_batch: int, precision: str, compile: bool = False,
+              model: torch.nn.Module | None = None) -> Callable[[], None]:
+    """The same model (or `model`), batch, AdamW and clipping in plain PyTorch: no Accelerate.
+    profile_step.py profiles this very step."""
     torch.manual_seed(0)
-    model = Transformer(cfg).to(DEVICE)
+    model = model if model is not None else Transformer(cfg).to(DEVICE)
     opt = build_optimizer(model, TrainConfig(), fused=DEVICE.type == "cuda")
     forward = torch.compile(model) if compile else model
     x = torch.randint(0, cfg.vocab_size, (micro_batch, block_size + 1), device=DEVICE)
@@ -94,11 +96,49 @@ def bare_step(cfg: ModelConfig, block_size: int, micro_batch: int, precision: st
     return synced(step)
 
 
-def bare_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, precision: str) -> tuple[float, float]:
-    """Tokens/s of the bare loop and its peak device memory in GiB (0 on CPU)."""
+class Gpt2(torch.nn.Module):
+    """nanoGPT's GPT-2 layout, the baseline our Llama layout must keep up with: pre-LayerNorm blocks,
+    fused qkv, GELU MLP of width 4d, learned positions, tied embeddings, SDPA."""
+
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, block: int):
+        super().__init__()
+        nn = torch.nn
+        self.heads = heads
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(block, d)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            ln_1=nn.LayerNorm(d), c_attn=nn.Linear(d, 3 * d), c_proj=nn.Linear(d, d), ln_2=nn.LayerNorm(d),
+            c_fc=nn.Linear(d, 4 * d), mlp_proj=nn.Linear(4 * d, d))) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[None, torch.Tensor]:
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for b in self.blocks:
+            q, k, v = b["c_attn"](b["ln_1"](x)).split(x.shape[-1], dim=2)
+            q, k, v = (t.view(B, T, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+            x = x + b["c_proj"](y)
+            x = x + b["mlp_proj"](F.gelu(b["c_fc"](b["ln_2"](x))))
+        logits = self.lm_head(self.ln_f(x))
+        return None, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def gpt2_step(cfg: ModelConfig, block_size: int, micro_batch: int, precision: str, compile: bool = False
+              ) -> Callable[[], None]:
+    """The GPT-2-layout step in the same bare loop (same AdamW groups, clipping, batch)."""
+    torch.manual_seed(0)
+    model = Gpt2(cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, block_size)
+    return bare_step(cfg, block_size, micro_batch, precision, compile, model.to(DEVICE))
+
+
+def bare_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, precision: str, make=bare_step
+                      ) -> tuple[float, float]:
+    """Tokens/s of a bare loop (ours, or the GPT-2 one) and its peak device memory in GiB (0 on CPU)."""
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step = bare_step(cfg, args.block_size, args.micro_batch_size, precision, args.compile)
+    step = make(cfg, args.block_size, args.micro_batch_size, precision, args.compile)
     step()
     step()  # compile and allocator warm-up
     per_step = median_time(step, args.steps)
@@ -119,15 +159,18 @@ def largest_micro_batch(cfg: ModelConfig, args: argparse.Namespace, precision: s
         fits, mb = mb, mb * 2
 
 
-def accelerate_tokens_per_s(data: Path, root: Path, args: argparse.Namespace, precision: str, i: int) -> float:
-    """accel_pretrain.train itself; the median of its logged per-step throughput after step 2."""
+def accelerate_tokens_per_s(data: Path, root: Path, args: argparse.Namespace, cfg: ModelConfig, precision: str,
+                            i: int) -> float:
+    """accel_pretrain.train itself, on cfg's shape; the median of its logged per-step throughput after step 2."""
     from accelerate.state import AcceleratorState, GradientState
 
     from accel_pretrain.train import main
 
     run = root / f"run-{precision}-{i}"
     with contextlib.redirect_stdout(io.StringIO()):  # its per-step progress lines; the log has the figures
-        main(["--data", str(data), "--out", str(run), "--preset", args.preset, "--block_size", str(args.block_size),
+        shape = [f"--{k}={getattr(cfg, k)}" for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                       "num_key_value_heads", "intermediate_size")]
+        main(["--data", str(data), "--out", str(run), "--preset", args.preset, *shape, "--block_size", str(args.block_size),
               "--micro_batch_size", str(args.micro_batch_size), "--max_steps", str(args.steps + 2), "--log_interval",
               "1", "--eval_interval", "100000", "--eval_iters", "1", "--save_interval", "100000", "--mixed_precision",
               precision] + (["--compile"] if args.compile else []))
@@ -140,6 +183,9 @@ def accelerate_tokens_per_s(data: Path, root: Path, args: argparse.Namespace, pr
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small")
+    p.add_argument("--hidden_size", type=int, default=None, help="override the preset's width ...")
+    p.add_argument("--num_hidden_layers", type=int, default=None, help="... depth ...")
+    p.add_argument("--num_attention_heads", type=int, default=None, help="... and heads (SwiGLU width 8/3 of it)")
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--block_size", type=int, default=256)
     p.add_argument("--micro_batch_size", type=int, default=8)
@@ -150,6 +196,10 @@ def main() -> None:
     p.add_argument("--max_batch", action="store_true", help="GPU: also find the largest micro-batch that fits")
     args = p.parse_args()
     cfg = dataclasses.replace(ModelConfig(), vocab_size=args.vocab, **PRESETS[args.preset])
+    shape = {k: getattr(args, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if getattr(args, k)}
+    if shape:  # equal FLOPs to GPT-2's 4d MLP: three matrices of width 8d/3 (rounded to 64)
+        cfg = dataclasses.replace(cfg, **shape, num_key_value_heads=shape.get("num_attention_heads", cfg.num_attention_heads))
+        cfg = dataclasses.replace(cfg, intermediate_size=round(8 * cfg.hidden_size / 3 / 64) * 64)
     fpt = Transformer(cfg).flops_per_token(args.block_size)
     where = machine() if DEVICE.type == "cpu" else torch.cuda.get_device_name()
     print(f"device: {where}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
@@ -162,13 +212,16 @@ def main() -> None:
             runs = []
             for i in range(args.repeats):  # interleaved, so drifting machine load hits all three alike
                 runs.append((matmul_flops(precision), *bare_tokens_per_s(cfg, args, precision),
-                             accelerate_tokens_per_s(data, root, args, precision, i)))
-            mm, bare, mem, acc = (statistics.median(r[j] for r in runs) for j in range(4))
+                             accelerate_tokens_per_s(data, root, args, cfg, precision, i),
+                             bare_tokens_per_s(cfg, args, precision, gpt2_step)[0]))
+            mm, bare, mem, acc, gpt2 = (statistics.median(r[j] for r in runs) for j in range(5))
             name = "fp32" if precision == "no" else "bf16"
             print(f"\n[{name}] dense matmul:           {mm / 1e9:8.1f} GFLOP/s")
             print(f"[{name}] bare PyTorch loop:      {bare:8.0f} tokens/s  {bare * fpt / 1e9:8.1f} GFLOP/s")
             print(f"[{name}] accel_pretrain.train:   {acc:8.0f} tokens/s  {acc * fpt / 1e9:8.1f} GFLOP/s")
+            print(f"[{name}] GPT-2 layout, bare loop: {gpt2:8.0f} tokens/s")
             print(f"[{name}] accelerate / bare:      {acc / bare:.3f}")
+            print(f"[{name}] ours (train) / GPT-2:   {acc / gpt2:.3f}   bare ours / GPT-2: {bare / gpt2:.3f}")
             print(f"[{name}] achieved / matmul:      {acc * fpt / mm:.3f}")
             peak = peak_flops(DEVICE, precision, None)
             if peak:
