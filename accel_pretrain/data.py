@@ -134,6 +134,16 @@ class Ids:
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
+def _check_same_tokenizer(where: Path, meta: dict[str, Any], first_dir: Path, first: dict[str, Any]) -> None:
+    """Every source and shard of a run must come from one tokenizer (meta.json's tokenizer_sha256
+    where both have one; the vocabulary size and EOS always)."""
+    sha, first_sha = meta.get("tokenizer_sha256"), first.get("tokenizer_sha256")
+    if (sha and first_sha and sha != first_sha) or meta["vocab_size"] != first["vocab_size"] \
+            or meta.get("eos_token_id") != first.get("eos_token_id"):
+        raise UserError(f"{where} was prepared with another tokenizer than {first_dir} ({meta.get('tokenizer')} vs "
+                        f"{first.get('tokenizer')}); every source and shard of a run needs the same tokenizer")
+
+
 class TokenData:
     """The prepared data of a run, checked against every meta.json before any training starts."""
 
@@ -142,7 +152,7 @@ class TokenData:
         self.sources = parse_data_spec(self.spec)
         self.dir = Path(self.sources[0][0])
         self.metas: list[dict[str, Any]] = []  # one per source
-        train_groups, valid_groups = [], []
+        train_groups, valid_groups, first = [], [], None
         for path, _ in self.sources:
             d = Path(path)
             meta = _read_meta(d)
@@ -154,7 +164,8 @@ class TokenData:
                 if missing:
                     raise UserError(f"data directory {shard} is incomplete (missing {', '.join(missing)}); "
                                     "run tokenization.prepare again")
-                self._check_same_tokenizer(shard, smeta)
+                first = first or (shard, smeta)
+                _check_same_tokenizer(shard, smeta, *first)
                 train.append(_open_split(shard, smeta, "train"))
                 valid.append(_open_split(shard, smeta, "valid"))
             self.metas.append(meta)
@@ -165,17 +176,6 @@ class TokenData:
         weights = [w for _, w in self.sources]
         self.train = Ids(train_groups, weights)
         self.valid = Ids(valid_groups, weights)
-
-    def _check_same_tokenizer(self, where: Path, meta: dict[str, Any]) -> None:
-        if not hasattr(self, "_first"):
-            self._first = (where, meta)
-            return
-        first_dir, first = self._first
-        sha, first_sha = meta.get("tokenizer_sha256"), first.get("tokenizer_sha256")
-        if (sha and first_sha and sha != first_sha) or meta["vocab_size"] != first["vocab_size"] \
-                or meta.get("eos_token_id") != first.get("eos_token_id"):
-            raise UserError(f"{where} was prepared with another tokenizer than {first_dir} ({meta.get('tokenizer')} vs "
-                            f"{first.get('tokenizer')}); every source and shard of a run needs the same tokenizer")
 
     @property
     def tokenizer_sha256(self) -> str | None:
