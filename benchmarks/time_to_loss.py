@@ -4,8 +4,9 @@ that the baseline (AdamW + cosine) ends with, on one corpus and model shape, ove
     python benchmarks/time_to_loss.py [--preset mini] [--tokens 1e6] [--seeds 1 2] [--variants ...]
 
 Every run is `accel_pretrain.train` itself in a subprocess, with the same token budget, batch and
-peak lr; they differ only in the flags of their variant. The target is the median over seeds of
-the baseline's final validation loss; "tokens to target" interpolates between evaluations.
+peak lr; they differ only in the flags of their variant. Each seed's target is the final
+validation loss of the baseline run with that seed; "tokens to target" interpolates between
+evaluations, and every ratio is against the baseline of the same seed (median and range over seeds).
 Corpus: ../shared/corpora/austen.txt as one document per chapter, tokenized once with an 8,192-token
 trained BPE. Prints a table and writes the curves of the first seed with accel_pretrain.plot.
 """
@@ -51,16 +52,20 @@ def crossing(points: list[tuple[float, float, float]], target: float) -> tuple[f
 
 
 def run(data: Path, out: Path, args: argparse.Namespace, variant: str, seed: int) -> list[tuple[float, float, float]]:
+    """(tokens, seconds, validation loss) at every evaluation of one run; a finished run in --work is reused."""
     steps = int(args.tokens // (args.micro_batch_size * args.block_size))
+    log_file = out / "train_log.jsonl"
+    finished = log_file.exists() and any('"event": "end"' in x for x in log_file.read_text().splitlines())
     cmd = [sys.executable, "-m", "accel_pretrain.train", "--data", str(data), "--out", str(out), "--overwrite",
            "--preset", args.preset, "--block_size", str(args.block_size), "--micro_batch_size",
            str(args.micro_batch_size), "--max_steps", str(steps), "--warmup_steps", str(max(1, steps // 20)),
            "--lr", str(args.lr), "--eval_interval", str(max(1, steps // args.evals)), "--eval_iters",
            str(args.eval_iters), "--save_interval", str(steps), "--log_interval", str(max(1, steps // 50)),
            "--seed", str(seed), "--mixed_precision", args.precision, *VARIANTS[variant]]
-    with open(out.parent / f"{out.name}.out", "w") as log:
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if not finished:
+        with open(out.parent / f"{out.name}.out", "w") as log:
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     per_step = next(r["tokens_per_step"] for r in lines if "tokens_per_step" in r)
     elapsed = {r["step"]: r["elapsed_s"] for r in lines if "elapsed_s" in r}
@@ -92,26 +97,27 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "tokenization.prepare", str(corpus), "--out", str(data), "--overwrite"],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     curves = {(v, s): run(data, work / f"{v}-s{s}", args, v, s) for s in args.seeds for v in args.variants}
-    target = statistics.median(curves[("adamw-cosine", s)][-1][2] for s in args.seeds)
-    base_tokens = statistics.median(crossing(curves[("adamw-cosine", s)], target)[0] for s in args.seeds)
-    base_seconds = statistics.median(crossing(curves[("adamw-cosine", s)], target)[1] for s in args.seeds)
+    base = {s: curves[("adamw-cosine", s)][-1] for s in args.seeds}  # (tokens, seconds, loss) at its end
     print(f"machine: {machine()}; preset {args.preset}, block {args.block_size}, micro-batch {args.micro_batch_size}, "
           f"{args.tokens:,.0f} tokens, lr {args.lr}, precision {args.precision}, seeds {args.seeds}")
-    print(f"target: the baseline's final validation loss, median over seeds = {target:.4f} nats")
-    print(f"{'variant':<18} {'final val loss (per seed)':<28} {'tokens to target':>17} {'x baseline':>10} "
-          f"{'seconds':>8} {'x baseline':>10} {'s / Mtok':>9}")
+    print("target of each seed: the final validation loss of the baseline (adamw-cosine) with that seed: "
+          + ", ".join(f"{base[s][2]:.4f}" for s in args.seeds))
+    print(f"{'variant':<18} {'final val loss per seed':<24} {'tokens to target':>17} {'x baseline':>14} "
+          f"{'seconds x baseline':>19} {'s per Mtok x baseline':>22}")
     for v in args.variants:
-        finals = [curves[(v, s)][-1][2] for s in args.seeds]
-        hits = [crossing(curves[(v, s)], target) for s in args.seeds]
-        speed = statistics.median(curves[(v, s)][-1][1] / curves[(v, s)][-1][0] * 1e6 for s in args.seeds)
-        shown = ", ".join(f"{f:.4f}" for f in finals)
-        if all(hits):
-            tok = statistics.median(h[0] for h in hits)
-            sec = statistics.median(h[1] for h in hits)
-            print(f"{v:<18} {shown:<28} {tok:>17,.0f} {tok / base_tokens:>10.3f} {sec:>8.1f} {sec / base_seconds:>10.3f} "
-                  f"{speed:>9.1f}")
-        else:
-            print(f"{v:<18} {shown:<28} {'not reached':>17} {'':>10} {'':>8} {'':>10} {speed:>9.1f}")
+        finals = ", ".join(f"{curves[(v, s)][-1][2]:.4f}" for s in args.seeds)
+        hits = {s: crossing(curves[(v, s)], base[s][2]) for s in args.seeds}
+        speed = [(curves[(v, s)][-1][1] / curves[(v, s)][-1][0]) / (base[s][1] / base[s][0]) for s in args.seeds]
+        reached = [s for s in args.seeds if hits[s]]
+        tok = [hits[s][0] / base[s][0] for s in reached]
+        sec = [hits[s][1] / base[s][1] for s in reached]
+
+        def spread(xs: list[float]) -> str:
+            return f"{statistics.median(xs):.3f} ({min(xs):.3f}-{max(xs):.3f})" if xs else "not reached"
+
+        tok_abs = f"{statistics.median(hits[s][0] for s in reached):,.0f}" if reached else "-"
+        missing = f" [{len(args.seeds) - len(reached)} seed(s) not reached]" if len(reached) < len(args.seeds) else ""
+        print(f"{v:<18} {finals:<24} {tok_abs:>17} {spread(tok):>14} {spread(sec):>19} {spread(speed):>22}{missing}")
     subprocess.run([sys.executable, "-m", "accel_pretrain.plot",
                     *[str(work / f"{v}-s{args.seeds[0]}") for v in args.variants], "--out", args.plot],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
