@@ -108,7 +108,6 @@ def main() -> None:
         print(f"  tokenization.prepare end to end: {nbytes / e2e_s / 1e6:6.2f} MB/s  (median of {args.repeats}; "
               "read, encode, split, write)")
         print(f"  ratio: {raw_s / e2e_s:.3f}  (target >= 0.85)")
-        del docs, texts
         if args.rss_mb:
             big = tmp / f"big{corpus.suffix}"
             write_corpus(big, args.rss_mb, paras, seed=1)
