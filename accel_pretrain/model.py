@@ -163,13 +163,6 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def autocast_input(h: torch.Tensor) -> torch.Tensor:
-    """Under autocast, h in the autocast dtype once, so the projections that all read it (q, k, v;
-    gate, up) do not each cast their own copy: the same values, fewer copies."""
-    device = h.device.type
-    return h.to(torch.get_autocast_dtype(device)) if torch.is_autocast_enabled(device) else h
-
-
 class Block(nn.Module):
     """Pre-norm residual block. FSDP wraps the model at this class."""
 
@@ -183,8 +176,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(autocast_input(self.input_layernorm(x)), cos, sin, kv, pos, attn_mask)
-        return x + self.mlp(autocast_input(self.post_attention_layernorm(x)))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, pos, attn_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Transformer(nn.Module):
