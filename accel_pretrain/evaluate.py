@@ -42,7 +42,7 @@ def score(model: torch.nn.Module, ids: Ids, block_size: int, batch_size: int, ma
             chosen, weight = all_starts[:1], 0.0
         xy = ids.windows(chosen, block_size).to(device)
         x = xy[:, :-1]
-        logits, _ = model(x, None, document_mask(x, eos_token_id) if eos_token_id is not None else None)
+        logits, _ = model(x, None, document_mask(x, eos_token_id))
         losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), xy[:, 1:].reshape(-1), reduction="sum")
         loss_sum += weight * losses.double()
         count += weight * xy[:, 1:].numel()

@@ -94,11 +94,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def document_mask(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+def document_mask(input_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor | None:
     """Boolean attention mask (B, 1, T, T) for windows that span several documents: causal, and each
     token sees only the earlier tokens of its own document (a document ends with its EOS token).
+    None (plain causal attention) when eos_token_id is None, i.e. document masking is off.
     Positions are not restarted at document starts: RoPE scores depend only on the distance between
     two tokens, so within a document the attention is exactly that of the document on its own."""
+    if eos_token_id is None:
+        return None
     is_eos = (input_ids == eos_token_id).long()
     doc = torch.cumsum(is_eos, dim=1) - is_eos
     T = input_ids.shape[1]

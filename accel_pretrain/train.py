@@ -158,7 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.document_masking and data.meta.get("eos_token_id") is None:
         raise UserError(f"--document_masking needs the EOS id that ends each document; {data.spec} has none in meta.json")
     ckpt = prepare_run_dir(cfg)
-    before = flatten(read_state(ckpt).get("config", {})) if ckpt else {}
     check_trackers(cfg.report_to)
 
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available():
@@ -228,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.report_to != "none":
         accelerator.init_trackers(cfg.project_name, config={k: v for k, v in cfg.to_dict().items() if k != "model"}
                                   | {f"model.{k}": v for k, v in cfg.to_dict()["model"].items()})
-    if ckpt and (changed := changes(before, cfg)):
+    if ckpt and (changed := changes(flatten(state.get("config", {})), cfg)):
         accelerator.print("resuming with " + ", ".join(changed))
     accelerator.print(f"{n_params / 1e6:.2f}M parameters | world size {world} | {PRECISION.get(mixed, mixed)} | "
                       f"{tokens_per_step:,} tokens per step ({mb} x {T} x {ga} accumulation x {world} processes)"
@@ -275,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 xy = batch[micro * mb:(micro + 1) * mb]
                 x, y = xy[:, :-1], xy[:, 1:]
                 with accelerator.accumulate(model):
-                    _, loss = model(x, y, document_mask(x, eos) if eos is not None else None)
+                    _, loss = model(x, y, document_mask(x, eos))
                     accelerator.backward(loss)
                     loss_sum += loss.detach()
                     if accelerator.sync_gradients:
