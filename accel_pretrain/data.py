@@ -78,7 +78,7 @@ class Ids:
         self.groups, self.weights = groups, weights
         self.parts = [a for g in groups for a in g]
         self.offsets = np.cumsum([0] + [len(a) for a in self.parts])
-        self.group_of = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+        self.first = np.cumsum([0] + [len(g) for g in groups])  # index in parts of each group's first array
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -91,26 +91,23 @@ class Ids:
             for i in range(0, len(a), CHUNK):
                 yield a[i:i + CHUNK]
 
-    def _starts_in_group(self, g: int, r: np.ndarray, block_size: int) -> np.ndarray:
-        """Map r in [0, sum of (len - block_size) over the group's arrays) to global window starts."""
-        first = int(np.searchsorted(self.group_of, g))
+    def _starts_in_group(self, g: int, rng: np.random.Generator, n: int, block_size: int) -> np.ndarray:
+        """n global window starts, uniform over every window that fits inside one of group g's arrays."""
         room = np.array([len(a) - block_size for a in self.groups[g]], dtype=np.int64)
         cum = np.concatenate([[0], np.cumsum(room)])
+        r = rng.integers(0, cum[-1], size=n)
         part = np.searchsorted(cum, r, side="right") - 1
-        return self.offsets[first + part] + (r - cum[part])
+        return self.offsets[self.first[g] + part] + (r - cum[part])
 
     def random_starts(self, rng: np.random.Generator, n: int, block_size: int) -> np.ndarray:
         """n window starts, uniform over every possible window of the chosen source; with several
-        sources each window's source is drawn by weight first."""
-        if len(self.groups) == 1:
-            room = sum(len(a) - block_size for a in self.parts)
-            return self._starts_in_group(0, rng.integers(0, room, size=n), block_size)
-        which = rng.choice(len(self.groups), size=n, p=self.weights)
+        sources each window's source is drawn by weight first (one source draws no choice, so a
+        single data directory gets exactly the windows it always got)."""
+        which = rng.choice(len(self.groups), size=n, p=self.weights) if len(self.groups) > 1 else np.zeros(n, int)
         starts = np.empty(n, dtype=np.int64)
         for g in range(len(self.groups)):
             mask = which == g
-            room = sum(len(a) - block_size for a in self.groups[g])
-            starts[mask] = self._starts_in_group(g, rng.integers(0, room, size=int(mask.sum())), block_size)
+            starts[mask] = self._starts_in_group(g, rng, int(mask.sum()), block_size)
         return starts
 
     def eval_starts(self, block_size: int, max_windows: int | None = None) -> np.ndarray:
@@ -118,8 +115,7 @@ class Ids:
         several sources, max_windows is shared out by weight."""
         per_group = []
         for g, arrays in enumerate(self.groups):
-            first = int(np.searchsorted(self.group_of, g))
-            starts = np.concatenate([self.offsets[first + i] + np.arange(0, max(len(a) - block_size, 0), block_size)
+            starts = np.concatenate([self.offsets[self.first[g] + i] + np.arange(0, max(len(a) - block_size, 0), block_size)
                                      for i, a in enumerate(arrays)]).astype(np.int64)
             if max_windows is not None:
                 share = max_windows if len(self.groups) == 1 else max(1, round(max_windows * self.weights[g]))
