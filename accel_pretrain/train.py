@@ -8,6 +8,7 @@ Reads like the flowchart: get_batch -> model(x) -> cross_entropy -> backward (ac
 clip_grad_norm_ -> AdamW + schedule -> eval / checkpoint / train_log.jsonl."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import pickle
@@ -17,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -352,5 +353,23 @@ def raise_nonfinite(log: RunLog, step: int, grad_norm: torch.Tensor, ckpt_dir: l
                     "--resume with a lower --lr")
 
 
+def leave(code: int) -> NoReturn:
+    """Exit; a process of a multi-process run skips the interpreter's finalization.
+
+    A gloo worker thread may still be freeing the last collective's tensors when Python starts to
+    finalize; it then needs the GIL, which finalization refuses, and the process aborts with
+    "terminate called without an active exception" (about one cpu_ddp run in twenty, after a
+    successful end; pytorch/pytorch#179291). The threads cannot be joined first: DDP keeps
+    references to the process group that outlive it. Everything of value is on disk by now
+    (checkpoints and train_log.jsonl are closed after each write, trackers finished), so the
+    process flushes its streams and ends without finalization."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    leave(run_cli(main))
