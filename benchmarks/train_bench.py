@@ -180,6 +180,16 @@ def accelerate_tokens_per_s(data: Path, root: Path, args: argparse.Namespace, cf
     return statistics.median(r["tokens_per_s"] for r in lines if "loss" in r and 2 < r["step"] <= args.steps + 2)
 
 
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The preset, with --hidden_size / --num_hidden_layers / --num_attention_heads overriding it."""
+    cfg = dataclasses.replace(ModelConfig(), vocab_size=args.vocab, **PRESETS[args.preset])
+    shape = {k: getattr(args, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if getattr(args, k)}
+    if shape:  # equal FLOPs to GPT-2's 4d MLP: three matrices of width 8d/3 (rounded to 64)
+        cfg = dataclasses.replace(cfg, **shape, num_key_value_heads=shape.get("num_attention_heads", cfg.num_attention_heads))
+        cfg = dataclasses.replace(cfg, intermediate_size=round(8 * cfg.hidden_size / 3 / 64) * 64)
+    return cfg
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small")
@@ -195,11 +205,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile in both loops")
     p.add_argument("--max_batch", action="store_true", help="GPU: also find the largest micro-batch that fits")
     args = p.parse_args()
-    cfg = dataclasses.replace(ModelConfig(), vocab_size=args.vocab, **PRESETS[args.preset])
-    shape = {k: getattr(args, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if getattr(args, k)}
-    if shape:  # equal FLOPs to GPT-2's 4d MLP: three matrices of width 8d/3 (rounded to 64)
-        cfg = dataclasses.replace(cfg, **shape, num_key_value_heads=shape.get("num_attention_heads", cfg.num_attention_heads))
-        cfg = dataclasses.replace(cfg, intermediate_size=round(8 * cfg.hidden_size / 3 / 64) * 64)
+    cfg = model_config(args)
     fpt = Transformer(cfg).flops_per_token(args.block_size)
     where = machine() if DEVICE.type == "cpu" else torch.cuda.get_device_name()
     print(f"device: {where}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
@@ -215,13 +221,17 @@ def main() -> None:
                              accelerate_tokens_per_s(data, root, args, cfg, precision, i),
                              bare_tokens_per_s(cfg, args, precision, gpt2_step)[0]))
             mm, bare, mem, acc, gpt2 = (statistics.median(r[j] for r in runs) for j in range(5))
+            # Ratios are taken within each repeat (measured minutes apart at most), then the median:
+            # a machine whose speed drifts between repeats moves both sides of a ratio alike.
+            acc_bare, acc_gpt2, bare_gpt2 = (statistics.median(r[a] / r[b] for r in runs)
+                                             for a, b in ((3, 1), (3, 4), (1, 4)))
             name = "fp32" if precision == "no" else "bf16"
             print(f"\n[{name}] dense matmul:           {mm / 1e9:8.1f} GFLOP/s")
             print(f"[{name}] bare PyTorch loop:      {bare:8.0f} tokens/s  {bare * fpt / 1e9:8.1f} GFLOP/s")
             print(f"[{name}] accel_pretrain.train:   {acc:8.0f} tokens/s  {acc * fpt / 1e9:8.1f} GFLOP/s")
             print(f"[{name}] GPT-2 layout, bare loop: {gpt2:8.0f} tokens/s")
-            print(f"[{name}] accelerate / bare:      {acc / bare:.3f}")
-            print(f"[{name}] ours (train) / GPT-2:   {acc / gpt2:.3f}   bare ours / GPT-2: {bare / gpt2:.3f}")
+            print(f"[{name}] accelerate / bare:      {acc_bare:.3f}  (medians of the per-repeat ratios)")
+            print(f"[{name}] ours (train) / GPT-2:   {acc_gpt2:.3f}   bare ours / GPT-2: {bare_gpt2:.3f}")
             print(f"[{name}] achieved / matmul:      {acc * fpt / mm:.3f}")
             peak = peak_flops(DEVICE, precision, None)
             if peak:

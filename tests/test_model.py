@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from accel_pretrain.config import PRESETS, ModelConfig
 from accel_pretrain.errors import UserError
 from accel_pretrain.hf import from_hf_config, from_hf_pretrained, to_hf_model, to_hf_state_dict
-from accel_pretrain.model import KVCache, Transformer
+from accel_pretrain.model import KVCache, RMSNorm, Transformer
 
 SHAPES = [  # (tie, heads, kv heads, rope_theta, seq_len)
     (True, 4, 2, 10000.0, 7),
@@ -196,3 +196,42 @@ def test_document_mask_makes_each_document_see_only_itself():
     assert (masked[:, 10:] - alone).abs().max().item() < 1e-5
     assert (plain[:, 10:] - alone).abs().max().item() > 1e-3
     assert torch.equal(masked[:, :10], plain[:, :10])
+
+
+def test_loss_logits_are_the_fp32_copy_under_autocast():
+    """Given targets, the logits returned are the fp32 tensor the loss was computed on, so Accelerate's
+    output conversion under mixed precision has nothing left to copy; without targets (generation,
+    evaluation) they stay in the autocast dtype."""
+    torch.manual_seed(0)
+    model = Transformer(small_config(True, 4, 2, 10000.0))
+    x, y = torch.randint(0, 211, (2, 9)), torch.randint(0, 211, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(x, y)
+        plain, none = model(x)
+    assert logits.dtype == torch.float32 and plain.dtype == torch.bfloat16 and none is None
+    assert torch.equal(logits, plain.float())
+    assert torch.equal(loss, torch.nn.functional.cross_entropy(logits.view(-1, 211), y.view(-1)))
+
+
+def test_rmsnorm_and_rope_backward_are_the_exact_gradients():
+    """RMSNorm and RoPE have hand-written backwards (speed); gradcheck compares them with finite
+    differences in float64, for non-contiguous input too (QK-norm runs on transposed heads)."""
+    from accel_pretrain.model import RMSNormFunction, Rope, rope_cos_sin
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, dtype=torch.double).transpose(1, 2).requires_grad_()
+    w = torch.randn(8, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: RMSNormFunction.apply(a, b, 1e-5), (x, w))
+    cos, sin = rope_cos_sin(ModelConfig(hidden_size=16, num_attention_heads=2), 5, torch.device("cpu"))
+    assert torch.autograd.gradcheck(lambda a: Rope.apply(a, cos.double(), sin.double()), (x.detach().requires_grad_(),))
+
+
+def test_rmsnorm_matches_llama_in_bf16():
+    """A bf16 input is normalised in float32 and cast back before the weight, as LlamaRMSNorm does."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    ours, theirs = RMSNorm(16, 1e-5), LlamaRMSNorm(16, eps=1e-5)
+    theirs.weight.data = ours.weight.data = torch.randn(16)
+    x = torch.randn(4, 16).bfloat16()
+    assert torch.equal(ours(x), theirs(x))

@@ -1,0 +1,96 @@
+"""Muon's cost per token: its optimizer step against AdamW's, and both against the forward and
+backward of one micro-batch, timed interleaved in one process on one model.
+
+    python benchmarks/optim_bench.py [--preset small --hidden_size 384 --num_hidden_layers 6
+        --num_attention_heads 6] [--block_size 256] [--micro_batch_size 8] [--precision bf16] [--repeats 7]
+
+Newton-Schulz runs once per optimizer step, whatever the batch, so Muon's extra time per token
+falls as the tokens per optimizer step grow. Prints that share for 1 to 64 accumulated
+micro-batches, and the fewest that keep it within 5%.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # noqa: E402
+
+from accel_pretrain.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
+from accel_pretrain.model import Transformer  # noqa: E402
+from accel_pretrain.optim import build_optimizer  # noqa: E402
+
+
+def timed(fn) -> float:  # noqa: ANN001
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--hidden_size", type=int, default=384)
+    p.add_argument("--num_hidden_layers", type=int, default=6)
+    p.add_argument("--num_attention_heads", type=int, default=6)
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--block_size", type=int, default=256)
+    p.add_argument("--micro_batch_size", type=int, default=8)
+    p.add_argument("--precision", default="bf16", choices=["no", "bf16"])
+    p.add_argument("--repeats", type=int, default=7)
+    args = p.parse_args()
+    heads = args.num_attention_heads
+    cfg = dataclasses.replace(ModelConfig(), vocab_size=args.vocab, **PRESETS[args.preset])
+    cfg = dataclasses.replace(cfg, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                              num_attention_heads=heads, num_key_value_heads=heads,
+                              intermediate_size=round(8 * args.hidden_size / 3 / 64) * 64)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    adamw = build_optimizer(model, TrainConfig(), fused=False)
+    muon = build_optimizer(model, TrainConfig(optimizer="muon"), fused=False)
+    x = torch.randint(0, args.vocab, (args.micro_batch_size, args.block_size + 1))
+    ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext)
+
+    def micro() -> None:
+        with ctx():
+            _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+
+    micro(), adamw.step(), muon.step()  # warm-up; the optimizers' states exist from here on
+    times: dict[str, list[float]] = {"micro": [], "adamw": [], "muon": []}
+    for _ in range(args.repeats):  # interleaved: a drifting machine slows all three alike
+        model.zero_grad(set_to_none=True)
+        times["micro"].append(timed(micro))
+        times["adamw"].append(timed(adamw.step))
+        times["muon"].append(timed(muon.step))
+    t_micro, t_adamw, t_muon = (statistics.median(times[k]) for k in ("micro", "adamw", "muon"))
+    tokens = args.micro_batch_size * args.block_size
+    print(f"machine: {machine()}; torch {torch.__version__}; "
+          f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}; AVX-512 BF16: "
+          f"{torch.cpu._is_avx512_bf16_supported()}")
+    print(f"model: {args.num_hidden_layers} x {args.hidden_size}, {heads} heads, vocab {args.vocab}; "
+          f"micro-batch {args.micro_batch_size} x {args.block_size} = {tokens:,} tokens; medians of {args.repeats}")
+    print(f"forward + backward of one micro-batch: {t_micro * 1e3:8.1f} ms")
+    print(f"AdamW step:                           {t_adamw * 1e3:8.1f} ms")
+    print(f"Muon + AdamW step:                    {t_muon * 1e3:8.1f} ms")
+    print(f"{'micro-batches per step':>22} {'tokens per step':>16} {'Muon extra time per token':>26}")
+    enough = None
+    for ga in (1, 2, 4, 8, 16, 32, 64):
+        extra = (t_muon - t_adamw) / (ga * t_micro + t_adamw)
+        enough = enough or (ga if extra <= 0.05 else None)
+        print(f"{ga:>22} {ga * tokens:>16,} {extra:>25.1%}")
+    print(f"within 5% from {enough} accumulated micro-batches ({enough * tokens:,} tokens per step)" if enough
+          else "more than 5% even at 64 micro-batches per step")
+
+
+if __name__ == "__main__":
+    main()
