@@ -58,10 +58,8 @@ def main() -> None:
     adamw = build_optimizer(model, TrainConfig(), fused=False)
     muon = build_optimizer(model, TrainConfig(optimizer="muon"), fused=False)
     x = torch.randint(0, args.vocab, (args.micro_batch_size, args.block_size + 1))
-    ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext)
-
     def micro() -> None:
-        with ctx():
+        with torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext():
             _, loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
 

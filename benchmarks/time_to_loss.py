@@ -1,7 +1,8 @@
 """Time to target: how many tokens and seconds each training recipe needs to reach the validation loss
 that the baseline (AdamW + cosine) ends with, on one corpus and model shape, over several seeds.
 
-    python benchmarks/time_to_loss.py [--preset mini] [--tokens 1e6] [--seeds 1 2] [--variants ...]
+    python benchmarks/time_to_loss.py [--preset mini] [--shape 6x384] [--tokens 1e6]
+        [--micro_batch_size 16] [--gradient_accumulation_steps 1] [--seeds 1 2] [--variants ...]
 
 Every run is `accel_pretrain.train` itself in a subprocess, with the same token budget, batch and
 peak lr; they differ only in the flags of their variant. Each seed's target is the final
@@ -51,14 +52,26 @@ def crossing(points: list[tuple[float, float, float]], target: float) -> tuple[f
     return None
 
 
+def shape_flags(shape: str | None) -> list[str]:
+    """--shape LAYERSxWIDTH (e.g. 6x384): that depth and width, 64-wide heads, a SwiGLU of 8/3 the
+    width rounded to 64 (the FLOPs of GPT-2's 4x GELU MLP)."""
+    if not shape:
+        return []
+    layers, width = map(int, shape.lower().split("x"))
+    heads = str(width // 64)
+    return ["--num_hidden_layers", str(layers), "--hidden_size", str(width), "--num_attention_heads", heads,
+            "--num_key_value_heads", heads, "--intermediate_size", str(round(8 * width / 3 / 64) * 64)]
+
+
 def run(data: Path, out: Path, args: argparse.Namespace, variant: str, seed: int) -> list[tuple[float, float, float]]:
     """(tokens, seconds, validation loss) at every evaluation of one run; a finished run in --work is reused."""
-    steps = int(args.tokens // (args.micro_batch_size * args.block_size))
+    steps = int(args.tokens // (args.micro_batch_size * args.block_size * args.gradient_accumulation_steps))
     log_file = out / "train_log.jsonl"
     finished = log_file.exists() and any('"event": "end"' in x for x in log_file.read_text().splitlines())
     cmd = [sys.executable, "-m", "accel_pretrain.train", "--data", str(data), "--out", str(out), "--overwrite",
            "--preset", args.preset, "--block_size", str(args.block_size), "--micro_batch_size",
-           str(args.micro_batch_size), "--max_steps", str(steps), "--warmup_steps", str(max(1, steps // 20)),
+           str(args.micro_batch_size), "--gradient_accumulation_steps", str(args.gradient_accumulation_steps),
+           *shape_flags(args.shape), "--max_steps", str(steps), "--warmup_steps", str(max(1, steps // 20)),
            "--lr", str(args.lr), "--eval_interval", str(max(1, steps // args.evals)), "--eval_iters",
            str(args.eval_iters), "--save_interval", str(steps), "--log_interval", str(max(1, steps // 50)),
            "--seed", str(seed), "--mixed_precision", args.precision, *VARIANTS[variant]]
@@ -75,9 +88,11 @@ def run(data: Path, out: Path, args: argparse.Namespace, variant: str, seed: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="mini")
+    p.add_argument("--shape", default=None, help="LAYERSxWIDTH over the preset, e.g. 6x384")
     p.add_argument("--tokens", type=float, default=1e6)
     p.add_argument("--block_size", type=int, default=256)
     p.add_argument("--micro_batch_size", type=int, default=16)
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--precision", default="auto")
     p.add_argument("--evals", type=int, default=12)
@@ -98,7 +113,8 @@ def main() -> None:
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     curves = {(v, s): run(data, work / f"{v}-s{s}", args, v, s) for s in args.seeds for v in args.variants}
     base = {s: curves[("adamw-cosine", s)][-1] for s in args.seeds}  # (tokens, seconds, loss) at its end
-    print(f"machine: {machine()}; preset {args.preset}, block {args.block_size}, micro-batch {args.micro_batch_size}, "
+    print(f"machine: {machine()}; preset {args.preset}{' ' + args.shape if args.shape else ''}, block "
+          f"{args.block_size}, micro-batch {args.micro_batch_size} x {args.gradient_accumulation_steps} accumulated, "
           f"{args.tokens:,.0f} tokens, lr {args.lr}, precision {args.precision}, seeds {args.seeds}")
     print("target of each seed: the final validation loss of the baseline (adamw-cosine) with that seed: "
           + ", ".join(f"{base[s][2]:.4f}" for s in args.seeds))
