@@ -354,7 +354,7 @@ def raise_nonfinite(log: RunLog, step: int, grad_norm: torch.Tensor, ckpt_dir: l
 
 
 def leave(code: int) -> NoReturn:
-    """Exit; a process of a multi-process run skips the interpreter's finalization.
+    """Exit; a process of a multi-process run that ended well skips the interpreter's finalization.
 
     A gloo worker thread may still be freeing the last collective's tensors when Python starts to
     finalize; it then needs the GIL, which finalization refuses, and the process aborts with
@@ -362,8 +362,9 @@ def leave(code: int) -> NoReturn:
     successful end; pytorch/pytorch#179291). The threads cannot be joined first: DDP keeps
     references to the process group that outlive it. Everything of value is on disk by now
     (checkpoints and train_log.jsonl are closed after each write, trackers finished), so the
-    process flushes its streams and ends without finalization."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    process flushes its streams and ends without finalization. A failed run exits normally: the
+    launcher stops the other ranks as soon as one fails, and rank 0 may still be printing the error."""
+    if code != 0 or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         sys.exit(code)
     logging.shutdown()
     sys.stdout.flush()
