@@ -25,3 +25,9 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return f"{cpu}, {os.cpu_count()} cores"
+
+
+def swiglu_width(hidden: int) -> int:
+    """A SwiGLU width with the FLOPs of GPT-2's 4x GELU MLP: three matrices of 8/3 the width,
+    rounded to 64."""
+    return round(8 * hidden / 3 / 64) * 64

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import statistics
 import sys
 import time
@@ -24,8 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
+from train_bench import model_config  # noqa: E402
 
-from accel_pretrain.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
+from accel_pretrain.config import TrainConfig  # noqa: E402
 from accel_pretrain.model import Transformer  # noqa: E402
 from accel_pretrain.optim import build_optimizer  # noqa: E402
 
@@ -48,16 +48,13 @@ def main() -> None:
     p.add_argument("--precision", default="bf16", choices=["no", "bf16"])
     p.add_argument("--repeats", type=int, default=7)
     args = p.parse_args()
-    heads = args.num_attention_heads
-    cfg = dataclasses.replace(ModelConfig(), vocab_size=args.vocab, **PRESETS[args.preset])
-    cfg = dataclasses.replace(cfg, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
-                              num_attention_heads=heads, num_key_value_heads=heads,
-                              intermediate_size=round(8 * args.hidden_size / 3 / 64) * 64)
+    cfg = model_config(args)
     torch.manual_seed(0)
     model = Transformer(cfg)
     adamw = build_optimizer(model, TrainConfig(), fused=False)
     muon = build_optimizer(model, TrainConfig(optimizer="muon"), fused=False)
     x = torch.randint(0, args.vocab, (args.micro_batch_size, args.block_size + 1))
+
     def micro() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else contextlib.nullcontext():
             _, loss = model(x[:, :-1], x[:, 1:])
@@ -75,7 +72,7 @@ def main() -> None:
     print(f"machine: {machine()}; torch {torch.__version__}; "
           f"{'bf16 autocast' if args.precision == 'bf16' else 'fp32'}; AVX-512 BF16: "
           f"{torch.cpu._is_avx512_bf16_supported()}")
-    print(f"model: {args.num_hidden_layers} x {args.hidden_size}, {heads} heads, vocab {args.vocab}; "
+    print(f"model: {cfg.num_hidden_layers} x {cfg.hidden_size}, {cfg.num_attention_heads} heads, vocab {args.vocab}; "
           f"micro-batch {args.micro_batch_size} x {args.block_size} = {tokens:,} tokens; medians of {args.repeats}")
     print(f"forward + backward of one micro-batch: {t_micro * 1e3:8.1f} ms")
     print(f"AdamW step:                           {t_adamw * 1e3:8.1f} ms")

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import machine, swiglu_width  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "corpora" / "austen.txt"
@@ -53,14 +53,13 @@ def crossing(points: list[tuple[float, float, float]], target: float) -> tuple[f
 
 
 def shape_flags(shape: str | None) -> list[str]:
-    """--shape LAYERSxWIDTH (e.g. 6x384): that depth and width, 64-wide heads, a SwiGLU of 8/3 the
-    width rounded to 64 (the FLOPs of GPT-2's 4x GELU MLP)."""
+    """--shape LAYERSxWIDTH (e.g. 6x384): that depth and width, 64-wide heads, GPT-2's MLP FLOPs."""
     if not shape:
         return []
     layers, width = map(int, shape.lower().split("x"))
     heads = str(width // 64)
     return ["--num_hidden_layers", str(layers), "--hidden_size", str(width), "--num_attention_heads", heads,
-            "--num_key_value_heads", heads, "--intermediate_size", str(round(8 * width / 3 / 64) * 64)]
+            "--num_key_value_heads", heads, "--intermediate_size", str(swiglu_width(width))]
 
 
 def run(data: Path, out: Path, args: argparse.Namespace, variant: str, seed: int) -> list[tuple[float, float, float]]:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median_time  # noqa: E402
+from _common import machine, median_time, swiglu_width  # noqa: E402
 
 from accel_pretrain.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from accel_pretrain.model import Transformer  # noqa: E402
@@ -184,9 +184,9 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
     """The preset, with --hidden_size / --num_hidden_layers / --num_attention_heads overriding it."""
     cfg = dataclasses.replace(ModelConfig(), vocab_size=args.vocab, **PRESETS[args.preset])
     shape = {k: getattr(args, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads") if getattr(args, k)}
-    if shape:  # equal FLOPs to GPT-2's 4d MLP: three matrices of width 8d/3 (rounded to 64)
+    if shape:
         cfg = dataclasses.replace(cfg, **shape, num_key_value_heads=shape.get("num_attention_heads", cfg.num_attention_heads))
-        cfg = dataclasses.replace(cfg, intermediate_size=round(8 * cfg.hidden_size / 3 / 64) * 64)
+        cfg = dataclasses.replace(cfg, intermediate_size=swiglu_width(cfg.hidden_size))
     return cfg
 
 
