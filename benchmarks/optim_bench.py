@@ -3,10 +3,13 @@ backward of one micro-batch, timed interleaved in one process on one model.
 
     python benchmarks/optim_bench.py [--preset small --hidden_size 384 --num_hidden_layers 6
         --num_attention_heads 6] [--block_size 256] [--micro_batch_size 8] [--precision bf16] [--repeats 7]
+        [--end_to_end 16 [--steps 3]]
 
 Newton-Schulz runs once per optimizer step, whatever the batch, so Muon's extra time per token
 falls as the tokens per optimizer step grow. Prints that share for 1 to 64 accumulated
-micro-batches, and the fewest that keep it within 5%.
+micro-batches, and the fewest that keep it within 5%. With --end_to_end G it also runs
+`accel_pretrain.train` itself with G accumulated micro-batches, AdamW and Muon in turn (--repeats
+of each, --steps timed steps per run), and prints the extra time per token a real run pays.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import argparse
 import contextlib
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
-from train_bench import model_config  # noqa: E402
+from train_bench import accelerate_tokens_per_s, make_data, model_config  # noqa: E402
 
 from accel_pretrain.config import TrainConfig  # noqa: E402
 from accel_pretrain.model import Transformer  # noqa: E402
@@ -47,7 +51,11 @@ def main() -> None:
     p.add_argument("--micro_batch_size", type=int, default=8)
     p.add_argument("--precision", default="bf16", choices=["no", "bf16"])
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--end_to_end", type=int, default=0, metavar="G",
+                   help="also time whole training runs with G accumulated micro-batches per step")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per run of --end_to_end (after 2 warm-up steps)")
     args = p.parse_args()
+    args.compile = False
     cfg = model_config(args)
     torch.manual_seed(0)
     model = Transformer(cfg)
@@ -85,6 +93,29 @@ def main() -> None:
         print(f"{ga:>22} {ga * tokens:>16,} {extra:>25.1%}")
     print(f"within 5% from {enough} accumulated micro-batches ({enough * tokens:,} tokens per step)" if enough
           else "more than 5% even at 64 micro-batches per step")
+    if args.end_to_end:
+        end_to_end(args, cfg)
+
+
+def end_to_end(args: argparse.Namespace, cfg) -> None:  # noqa: ANN001
+    """accel_pretrain.train with AdamW and with Muon in turn; extra time per token = the ratio of
+    their logged throughputs, taken per repeat, median over repeats."""
+    ga = args.end_to_end
+    ratios, speeds = [], {"adamw": [], "muon": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = make_data(root, args.vocab)
+        for i in range(args.repeats):
+            for name in speeds:
+                speeds[name].append(accelerate_tokens_per_s(
+                    data, root, args, cfg, args.precision, f"{name}-{i}",
+                    ("--gradient_accumulation_steps", str(ga), "--optimizer", name)))
+            ratios.append(speeds["adamw"][-1] / speeds["muon"][-1] - 1)
+    print(f"accel_pretrain.train, {ga} x {args.micro_batch_size * args.block_size:,} = "
+          f"{ga * args.micro_batch_size * args.block_size:,} tokens per step, {args.steps} timed steps, "
+          f"{args.repeats} runs each: AdamW {statistics.median(speeds['adamw']):,.0f} tokens/s, Muon "
+          f"{statistics.median(speeds['muon']):,.0f} tokens/s; Muon's extra time per token "
+          f"{statistics.median(ratios):.1%} (runs: {', '.join(f'{r:.1%}' for r in ratios)})")
 
 
 if __name__ == "__main__":

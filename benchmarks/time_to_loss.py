@@ -3,9 +3,11 @@ that the baseline (AdamW + cosine) ends with, on one corpus and model shape, ove
 
     python benchmarks/time_to_loss.py [--preset mini] [--shape 6x384] [--tokens 1e6]
         [--micro_batch_size 16] [--gradient_accumulation_steps 1] [--seeds 1 2] [--variants ...]
+        [--baseline adamw-cosine]
 
 Every run is `accel_pretrain.train` itself in a subprocess, with the same token budget, batch and
-peak lr; they differ only in the flags of their variant. Each seed's target is the final
+peak lr (--lr, or VARIANT@LR for one variant: `adamw-cosine@1e-3 adamw-cosine@4e-3` is an lr
+sweep); they differ only in the flags of their variant. Each seed's target is the final
 validation loss of the baseline run with that seed; "tokens to target" interpolates between
 evaluations, and every ratio is against the baseline of the same seed (median and range over seeds).
 Corpus: ../shared/corpora/austen.txt as one document per chapter, tokenized once with an 8,192-token
@@ -62,8 +64,19 @@ def shape_flags(shape: str | None) -> list[str]:
             "--num_key_value_heads", heads, "--intermediate_size", str(swiglu_width(width))]
 
 
-def run(data: Path, out: Path, args: argparse.Namespace, variant: str, seed: int) -> list[tuple[float, float, float]]:
+def variant_spec(spec: str) -> str:
+    """argparse type for VARIANT or VARIANT@LR."""
+    name, _, lr = spec.partition("@")
+    if name not in VARIANTS:
+        raise argparse.ArgumentTypeError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    if lr:
+        float(lr)
+    return spec
+
+
+def run(data: Path, out: Path, args: argparse.Namespace, spec: str, seed: int) -> list[tuple[float, float, float]]:
     """(tokens, seconds, validation loss) at every evaluation of one run; a finished run in --work is reused."""
+    variant, _, lr = spec.partition("@")
     steps = int(args.tokens // (args.micro_batch_size * args.block_size * args.gradient_accumulation_steps))
     log_file = out / "train_log.jsonl"
     finished = log_file.exists() and any('"event": "end"' in x for x in log_file.read_text().splitlines())
@@ -71,7 +84,7 @@ def run(data: Path, out: Path, args: argparse.Namespace, variant: str, seed: int
            "--preset", args.preset, "--block_size", str(args.block_size), "--micro_batch_size",
            str(args.micro_batch_size), "--gradient_accumulation_steps", str(args.gradient_accumulation_steps),
            *shape_flags(args.shape), "--max_steps", str(steps), "--warmup_steps", str(max(1, steps // 20)),
-           "--lr", str(args.lr), "--eval_interval", str(max(1, steps // args.evals)), "--eval_iters",
+           "--lr", lr or str(args.lr), "--eval_interval", str(max(1, steps // args.evals)), "--eval_iters",
            str(args.eval_iters), "--save_interval", str(steps), "--log_interval", str(max(1, steps // 50)),
            "--seed", str(seed), "--mixed_precision", args.precision, *VARIANTS[variant]]
     if not finished:
@@ -97,7 +110,10 @@ def main() -> None:
     p.add_argument("--evals", type=int, default=12)
     p.add_argument("--eval_iters", type=int, default=16)
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), type=variant_spec, metavar="VARIANT[@LR]",
+                   help=f"from {', '.join(VARIANTS)}; @LR overrides --lr for that run")
+    p.add_argument("--baseline", default="adamw-cosine", type=variant_spec,
+                   help="the run whose final validation loss is each seed's target (one of --variants)")
     p.add_argument("--work", default=None, help="folder for data and runs (default: a temporary one)")
     p.add_argument("--plot", default="time_to_loss.png")
     args = p.parse_args()
@@ -111,13 +127,15 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "tokenization.prepare", str(corpus), "--out", str(data), "--overwrite"],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     curves = {(v, s): run(data, work / f"{v}-s{s}", args, v, s) for s in args.seeds for v in args.variants}
-    base = {s: curves[("adamw-cosine", s)][-1] for s in args.seeds}  # (tokens, seconds, loss) at its end
+    if args.baseline not in args.variants:
+        p.error(f"--baseline {args.baseline} is not among --variants")
+    base = {s: curves[(args.baseline, s)][-1] for s in args.seeds}  # (tokens, seconds, loss) at its end
     print(f"machine: {machine()}; preset {args.preset}{' ' + args.shape if args.shape else ''}, block "
           f"{args.block_size}, micro-batch {args.micro_batch_size} x {args.gradient_accumulation_steps} accumulated, "
           f"{args.tokens:,.0f} tokens, lr {args.lr}, precision {args.precision}, seeds {args.seeds}")
-    print("target of each seed: the final validation loss of the baseline (adamw-cosine) with that seed: "
+    print(f"target of each seed: the final validation loss of the baseline ({args.baseline}) with that seed: "
           + ", ".join(f"{base[s][2]:.4f}" for s in args.seeds))
-    print(f"{'variant':<18} {'final val loss per seed':<24} {'tokens to target':>17} {'x baseline':>14} "
+    print(f"{'variant':<22} {'final val loss per seed':<24} {'tokens to target':>17} {'x baseline':>14} "
           f"{'seconds x baseline':>19} {'s per Mtok x baseline':>22}")
     for v in args.variants:
         finals = ", ".join(f"{curves[(v, s)][-1][2]:.4f}" for s in args.seeds)
@@ -132,7 +150,7 @@ def main() -> None:
 
         tok_abs = f"{statistics.median(hits[s][0] for s in reached):,.0f}" if reached else "-"
         missing = f" [{len(args.seeds) - len(reached)} seed(s) not reached]" if len(reached) < len(args.seeds) else ""
-        print(f"{v:<18} {finals:<24} {tok_abs:>17} {spread(tok):>14} {spread(sec):>19} {spread(speed):>22}{missing}")
+        print(f"{v:<22} {finals:<24} {tok_abs:>17} {spread(tok):>14} {spread(sec):>19} {spread(speed):>22}{missing}")
     subprocess.run([sys.executable, "-m", "accel_pretrain.plot",
                     *[str(work / f"{v}-s{args.seeds[0]}") for v in args.variants], "--out", args.plot],
                    check=True, cwd=ROOT, stdout=subprocess.DEVNULL)

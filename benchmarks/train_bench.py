@@ -6,7 +6,7 @@ in this run. Runs on the GPU when there is one.
 
     python benchmarks/train_bench.py [--preset small] [--hidden_size H --num_hidden_layers L
         --num_attention_heads A] [--vocab 8192] [--block_size 256] [--micro_batch_size 8]
-        [--precision no bf16] [--steps 12] [--repeats 3] [--compile] [--max_batch]
+        [--precision no bf16] [--steps 12] [--repeats 3] [--compile] [--max_batch] [--system_malloc]
 
 Prints medians and the ratios (targets on CPU: Accelerate >= 0.97 of bare; ours >= 1.0 of the
 GPT-2 step; fp32 >= 0.75 and bf16 >= 0.50 of matmul). On a GPU it adds MFU against the data-sheet peak, peak memory, and
@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from accel_pretrain.config import PRESETS, ModelConfig, TrainConfig  # noqa: E40
 from accel_pretrain.model import Transformer  # noqa: E402
 from accel_pretrain.optim import build_optimizer  # noqa: E402
 from accel_pretrain.tracking import peak_flops  # noqa: E402
+from accel_pretrain.train import keep_freed_memory  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -133,17 +135,23 @@ def gpt2_step(cfg: ModelConfig, block_size: int, micro_batch: int, precision: st
     return bare_step(cfg, block_size, micro_batch, precision, compile, model.to(DEVICE))
 
 
-def bare_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, precision: str, make=bare_step
-                      ) -> tuple[float, float]:
-    """Tokens/s of a bare loop (ours, or the GPT-2 one) and its peak device memory in GiB (0 on CPU)."""
+def bare_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, precision: str) -> tuple[float, float, float, float]:
+    """Our bare loop against the GPT-2 one, one step of each in turn (so that a machine whose speed
+    drifts slows both alike): tokens/s of each (medians), the median of the per-pair speed ratios
+    ours / GPT-2, and our loop's peak device memory in GiB (0 on CPU)."""
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step = make(cfg, args.block_size, args.micro_batch_size, precision, args.compile)
-    step()
-    step()  # compile and allocator warm-up
-    per_step = median_time(step, args.steps)
+    ours = bare_step(cfg, args.block_size, args.micro_batch_size, precision, args.compile)
+    ours()
+    ours()  # compile and allocator warm-up
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if DEVICE.type == "cuda" else 0.0
-    return args.micro_batch_size * args.block_size / per_step, peak
+    gpt2 = gpt2_step(cfg, args.block_size, args.micro_batch_size, precision, args.compile)
+    gpt2()
+    gpt2()
+    pairs = [(median_time(ours, 1), median_time(gpt2, 1)) for _ in range(args.steps)]
+    tokens = args.micro_batch_size * args.block_size
+    return (tokens / statistics.median(a for a, _ in pairs), tokens / statistics.median(b for _, b in pairs),
+            statistics.median(b / a for a, b in pairs), peak)
 
 
 def largest_micro_batch(cfg: ModelConfig, args: argparse.Namespace, precision: str) -> int:
@@ -160,8 +168,9 @@ def largest_micro_batch(cfg: ModelConfig, args: argparse.Namespace, precision: s
 
 
 def accelerate_tokens_per_s(data: Path, root: Path, args: argparse.Namespace, cfg: ModelConfig, precision: str,
-                            i: int) -> float:
-    """accel_pretrain.train itself, on cfg's shape; the median of its logged per-step throughput after step 2."""
+                            i: int | str, extra: tuple[str, ...] = ()) -> float:
+    """accel_pretrain.train itself, on cfg's shape (and `extra` flags); the median of its logged
+    per-step throughput after step 2."""
     from accelerate.state import AcceleratorState, GradientState
 
     from accel_pretrain.train import main
@@ -173,7 +182,7 @@ def accelerate_tokens_per_s(data: Path, root: Path, args: argparse.Namespace, cf
         main(["--data", str(data), "--out", str(run), "--preset", args.preset, *shape, "--block_size", str(args.block_size),
               "--micro_batch_size", str(args.micro_batch_size), "--max_steps", str(args.steps + 2), "--log_interval",
               "1", "--eval_interval", "100000", "--eval_iters", "1", "--save_interval", "100000", "--mixed_precision",
-              precision] + (["--compile"] if args.compile else []))
+              precision, *extra] + (["--compile"] if args.compile else []))
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     lines = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
@@ -204,11 +213,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile in both loops")
     p.add_argument("--max_batch", action="store_true", help="GPU: also find the largest micro-batch that fits")
+    p.add_argument("--system_malloc", action="store_true",
+                   help="CPU: time only the two bare loops (ours, GPT-2), under glibc's default malloc settings "
+                        "instead of the ones accel_pretrain.train sets for itself (keep_freed_memory)")
     args = p.parse_args()
+    tuned = DEVICE.type == "cpu" and not args.system_malloc and keep_freed_memory()
     cfg = model_config(args)
     fpt = Transformer(cfg).flops_per_token(args.block_size)
     where = machine() if DEVICE.type == "cpu" else torch.cuda.get_device_name()
-    print(f"device: {where}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    print(f"device: {where}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+          + ("; malloc keeps freed memory in every loop" if tuned else "; default malloc, bare loops only"
+             if DEVICE.type == "cpu" else ""))
     print(f"model: {args.preset}, vocab {args.vocab}, block {args.block_size}, micro batch {args.micro_batch_size}, "
           f"{fpt / 1e6:.1f} MFLOP per token{', compiled' if args.compile else ''}; medians of {args.repeats}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -217,19 +232,23 @@ def main() -> None:
         for precision in args.precision:
             runs = []
             for i in range(args.repeats):  # interleaved, so drifting machine load hits all three alike
-                runs.append((matmul_flops(precision), *bare_tokens_per_s(cfg, args, precision),
-                             accelerate_tokens_per_s(data, root, args, cfg, precision, i),
-                             bare_tokens_per_s(cfg, args, precision, gpt2_step)[0]))
-            mm, bare, mem, acc, gpt2 = (statistics.median(r[j] for r in runs) for j in range(5))
-            # Ratios are taken within each repeat (measured minutes apart at most), then the median:
-            # a machine whose speed drifts between repeats moves both sides of a ratio alike.
-            acc_bare, acc_gpt2, bare_gpt2 = (statistics.median(r[a] / r[b] for r in runs)
-                                             for a, b in ((3, 1), (3, 4), (1, 4)))
+                ours, gpt2, pair, mem = bare_tokens_per_s(cfg, args, precision)
+                acc = math.nan if args.system_malloc else accelerate_tokens_per_s(data, root, args, cfg, precision, i)
+                runs.append((matmul_flops(precision), ours, gpt2, pair, mem, acc))
+            mm, bare, gpt2, bare_gpt2, mem, acc = (statistics.median(r[j] for r in runs) for j in range(6))
+            # Ratios are taken within each repeat, then the median: a machine whose speed drifts moves
+            # both sides of a same-repeat ratio alike. Ours / GPT-2 through train = (train / bare loop,
+            # both ours, same repeat) x (bare ours / GPT-2, alternating steps).
+            acc_bare = statistics.median(r[5] / r[1] for r in runs)
+            acc_gpt2 = statistics.median(r[5] / r[1] * r[3] for r in runs)
             name = "fp32" if precision == "no" else "bf16"
             print(f"\n[{name}] dense matmul:           {mm / 1e9:8.1f} GFLOP/s")
             print(f"[{name}] bare PyTorch loop:      {bare:8.0f} tokens/s  {bare * fpt / 1e9:8.1f} GFLOP/s")
-            print(f"[{name}] accel_pretrain.train:   {acc:8.0f} tokens/s  {acc * fpt / 1e9:8.1f} GFLOP/s")
             print(f"[{name}] GPT-2 layout, bare loop: {gpt2:8.0f} tokens/s")
+            if args.system_malloc:
+                print(f"[{name}] bare ours / GPT-2:      {bare_gpt2:.3f}  (alternating steps; median over repeats)")
+                continue
+            print(f"[{name}] accel_pretrain.train:   {acc:8.0f} tokens/s  {acc * fpt / 1e9:8.1f} GFLOP/s")
             print(f"[{name}] accelerate / bare:      {acc_bare:.3f}  (medians of the per-repeat ratios)")
             print(f"[{name}] ours (train) / GPT-2:   {acc_gpt2:.3f}   bare ours / GPT-2: {bare_gpt2:.3f}")
             print(f"[{name}] achieved / matmul:      {acc * fpt / mm:.3f}")
