@@ -69,7 +69,7 @@ def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed blocks (up to 32 MiB each) for reuse instead of handing
     them back to the kernel. With its defaults (blocks over 128 KiB mapped afresh, the threshold
     raised only to the largest block freed so far, the heap top trimmed beyond twice that), a CPU
-    step's activations are page-faulted in again and again: about 2,000 page faults per RMSNorm
+    step's activations are page-faulted in again and again: 900 to 2,400 page faults per RMSNorm
     forward and backward of (8, 256, 384), none after this call (tests/test_train.py). PyTorch's
     CPU tuning guide preloads jemalloc or tcmalloc for the same reason; two mallopt settings get
     the reuse from the allocator every Linux already has. Returns whether they were applied (not
