@@ -187,10 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    if not torch.cuda.is_available():
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:
         keep_freed_memory()
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=on_cpu,
         mixed_precision=cfg.mixed_precision,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         log_with=trackers_for(cfg.report_to) or None,

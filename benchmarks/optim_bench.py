@@ -18,7 +18,6 @@ import contextlib
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,18 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import machine, timed  # noqa: E402
 from train_bench import accelerate_tokens_per_s, make_data, model_config  # noqa: E402
 
-from accel_pretrain.config import TrainConfig  # noqa: E402
+from accel_pretrain.config import ModelConfig, TrainConfig  # noqa: E402
 from accel_pretrain.model import Transformer  # noqa: E402
 from accel_pretrain.optim import build_optimizer  # noqa: E402
-
-
-def timed(fn) -> float:  # noqa: ANN001
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -97,7 +90,7 @@ def main() -> None:
         end_to_end(args, cfg)
 
 
-def end_to_end(args: argparse.Namespace, cfg) -> None:  # noqa: ANN001
+def end_to_end(args: argparse.Namespace, cfg: ModelConfig) -> None:
     """accel_pretrain.train with AdamW and with Muon in turn; extra time per token = the ratio of
     their logged throughputs, taken per repeat, median over repeats."""
     ga = args.end_to_end

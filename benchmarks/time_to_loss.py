@@ -117,6 +117,8 @@ def main() -> None:
     p.add_argument("--work", default=None, help="folder for data and runs (default: a temporary one)")
     p.add_argument("--plot", default="time_to_loss.png")
     args = p.parse_args()
+    if args.baseline not in args.variants:
+        p.error(f"--baseline {args.baseline} is not among --variants")
     work = Path(args.work or tempfile.mkdtemp(prefix="ttl-"))
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"
@@ -127,8 +129,6 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "tokenization.prepare", str(corpus), "--out", str(data), "--overwrite"],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     curves = {(v, s): run(data, work / f"{v}-s{s}", args, v, s) for s in args.seeds for v in args.variants}
-    if args.baseline not in args.variants:
-        p.error(f"--baseline {args.baseline} is not among --variants")
     base = {s: curves[(args.baseline, s)][-1] for s in args.seeds}  # (tokens, seconds, loss) at its end
     print(f"machine: {machine()}; preset {args.preset}{' ' + args.shape if args.shape else ''}, block "
           f"{args.block_size}, micro-batch {args.micro_batch_size} x {args.gradient_accumulation_steps} accumulated, "

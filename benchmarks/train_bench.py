@@ -32,7 +32,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median_time, swiglu_width  # noqa: E402
+from _common import machine, median_time, swiglu_width, timed  # noqa: E402
 
 from accel_pretrain.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from accel_pretrain.model import Transformer  # noqa: E402
@@ -148,7 +148,7 @@ def bare_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, precision: str
     gpt2 = gpt2_step(cfg, args.block_size, args.micro_batch_size, precision, args.compile)
     gpt2()
     gpt2()
-    pairs = [(median_time(ours, 1), median_time(gpt2, 1)) for _ in range(args.steps)]
+    pairs = [(timed(ours), timed(gpt2)) for _ in range(args.steps)]
     tokens = args.micro_batch_size * args.block_size
     return (tokens / statistics.median(a for a, _ in pairs), tokens / statistics.median(b for _, b in pairs),
             statistics.median(b / a for a, b in pairs), peak)
