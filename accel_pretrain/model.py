@@ -27,26 +27,28 @@ class RMSNorm(nn.Module):
 
 class RMSNormFunction(torch.autograd.Function):
     """weight * (x / rms(x)), normalised in float32 as Llama does (a bf16 variance loses too much),
-    with its backward written out: left to autograd, the seven elementwise steps and their
-    gradients cost a CPU (which has no fused RMSNorm kernel) 2.5x this, 3% of a step.
-    dx = (g*w - xhat * mean(g*w*xhat)) / rms(x); dweight = sum of g*xhat over all positions."""
+    with a hand-made backward: left to autograd, the seven elementwise steps and their gradients
+    cost a CPU 3.5x LayerNorm's fused kernels. The backward borrows that kernel: with mean 0 and
+    rstd = 1 / rms(x), LayerNorm's dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)) and
+    dweight = sum of g*xhat are RMSNorm's, but for the mean(g*w) term, added back with one
+    matrix-vector product. 0.9 ms instead of 1.6 ms per (8, 256, 384) forward and backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         inv_rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        xhat = (xf * inv_rms).to(x.dtype)
-        ctx.save_for_backward(xhat, weight, inv_rms)
-        return weight * xhat
+        ctx.save_for_backward(x, weight, inv_rms)
+        return weight * (xf * inv_rms).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
-        xhat, weight, inv_rms = ctx.saved_tensors
-        grad_weight = (grad * xhat).flatten(0, -2).sum(0).to(weight.dtype)
-        wide = inv_rms.dtype
-        gw, xf = (grad * weight).to(wide), xhat.to(wide)
-        dx = torch.addcmul(gw, xf, (gw * xf).mean(-1, keepdim=True), value=-1).mul_(inv_rms)
-        return dx.to(xhat.dtype), grad_weight, None
+        x, weight, inv_rms = ctx.saved_tensors
+        wide, dim = inv_rms.dtype, x.shape[-1]
+        xf, gf, wf = x.to(wide), grad.to(wide), weight.to(wide)
+        dx, dweight, _ = torch.ops.aten.native_layer_norm_backward(
+            gf, xf, [dim], torch.zeros_like(inv_rms), inv_rms, wf, None, [True, True, False])
+        mean_gw = torch.mv(gf.reshape(-1, dim), wf).view_as(inv_rms) / dim
+        return dx.add_(inv_rms * mean_gw).to(x.dtype), dweight.to(weight.dtype), None
 
 
 def rope_inv_freq(cfg: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
