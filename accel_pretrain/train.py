@@ -32,7 +32,7 @@ from .data import TokenData, check_same_tokenizer, step_windows
 from .errors import UserError, run_cli
 from .evaluate import metrics, score
 from .model import Transformer, document_mask
-from .optim import FUSED_ADAMW_DEVICES, apply_config_to_schedule, build_optimizer, build_scheduler
+from .optim import apply_config_to_schedule, build_optimizer, build_scheduler
 from .tracking import RunLog, peak_flops, trackers_for
 
 RUN_FILES = ("config.json", "train_log.jsonl", "checkpoints", "tokenizer")
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.wait_for_everyone()
 
     device_type = accelerator.device.type
-    optimizer = build_optimizer(model, cfg, fused=device_type in FUSED_ADAMW_DEVICES)
+    optimizer = build_optimizer(model, cfg, fused=device_type == "cuda")
     scheduler = build_scheduler(optimizer, cfg)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if ckpt:

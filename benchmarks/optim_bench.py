@@ -31,6 +31,7 @@ from train_bench import accelerate_tokens_per_s, make_data, model_config  # noqa
 from accel_pretrain.config import ModelConfig, TrainConfig  # noqa: E402
 from accel_pretrain.model import Transformer  # noqa: E402
 from accel_pretrain.optim import build_optimizer  # noqa: E402
+from accel_pretrain.train import keep_freed_memory  # noqa: E402
 
 
 def main() -> None:
@@ -49,6 +50,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per run of --end_to_end (after 2 warm-up steps)")
     args = p.parse_args()
     args.compile = False
+    keep_freed_memory()  # as accel_pretrain.train does on a CPU
     cfg = model_config(args)
     torch.manual_seed(0)
     model = Transformer(cfg)

@@ -1,7 +1,6 @@
 """Training throughput: our step as `accel_pretrain.train` runs it (through Accelerate) against
-(a) a bare PyTorch loop of the same model, batch and optimizer, (b) a plain GPT-2-layout step
-(LayerNorm, GELU MLP, learned positions, SDPA, AdamW; nanoGPT's model and its optimizer choice:
-fused AdamW on CUDA only, where ours uses it on CPU too) with the same width, depth, heads and
+(a) a bare PyTorch loop of the same model and batch, (b) a plain GPT-2-layout step (LayerNorm,
+GELU MLP, learned positions, SDPA, AdamW; nanoGPT's model) with the same width, depth, heads and
 FLOPs per token, and (c) the device's dense matmul throughput in the same precision, all measured
 in this run. Runs on the GPU when there is one.
 
@@ -37,7 +36,7 @@ from _common import machine, median_time, swiglu_width, timed  # noqa: E402
 
 from accel_pretrain.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from accel_pretrain.model import Transformer  # noqa: E402
-from accel_pretrain.optim import FUSED_ADAMW_DEVICES, build_optimizer  # noqa: E402
+from accel_pretrain.optim import build_optimizer  # noqa: E402
 from accel_pretrain.tracking import peak_flops  # noqa: E402
 from accel_pretrain.train import keep_freed_memory  # noqa: E402
 
@@ -78,13 +77,12 @@ def matmul_flops(precision: str, repeats: int = 5) -> float:
 
 
 def bare_step(cfg: ModelConfig, block_size: int, micro_batch: int, precision: str, compile: bool = False,
-              model: torch.nn.Module | None = None, fused: bool = DEVICE.type in FUSED_ADAMW_DEVICES
-              ) -> Callable[[], None]:
+              model: torch.nn.Module | None = None) -> Callable[[], None]:
     """The same model (or `model`), batch, AdamW and clipping in plain PyTorch: no Accelerate.
     profile_step.py profiles this very step."""
     torch.manual_seed(0)
     model = model if model is not None else Transformer(cfg).to(DEVICE)
-    opt = build_optimizer(model, TrainConfig(), fused=fused)
+    opt = build_optimizer(model, TrainConfig(), fused=DEVICE.type == "cuda")
     forward = torch.compile(model) if compile else model
     x = torch.randint(0, cfg.vocab_size, (micro_batch, block_size + 1), device=DEVICE)
     ctx = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
@@ -131,11 +129,10 @@ class Gpt2(torch.nn.Module):
 
 def gpt2_step(cfg: ModelConfig, block_size: int, micro_batch: int, precision: str, compile: bool = False
               ) -> Callable[[], None]:
-    """The GPT-2-layout step in the same bare loop (same AdamW groups, clipping, batch), with AdamW's
-    fused kernel where nanoGPT uses it: on CUDA only."""
+    """The GPT-2-layout step in the same bare loop (same AdamW groups, clipping, batch)."""
     torch.manual_seed(0)
     model = Gpt2(cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, block_size)
-    return bare_step(cfg, block_size, micro_batch, precision, compile, model.to(DEVICE), fused=DEVICE.type == "cuda")
+    return bare_step(cfg, block_size, micro_batch, precision, compile, model.to(DEVICE))
 
 
 def bare_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, precision: str) -> tuple[float, float, float, float]:
