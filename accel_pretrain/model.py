@@ -28,7 +28,7 @@ class RMSNorm(nn.Module):
 class RMSNormFunction(torch.autograd.Function):
     """weight * (x / rms(x)), normalised in float32 as Llama does (a bf16 variance loses too much),
     with a hand-made backward: left to autograd, the seven elementwise steps and their gradients
-    cost a CPU 3.5x LayerNorm's fused kernels. The backward borrows that kernel: with mean 0 and
+    cost a CPU about 7x LayerNorm's fused kernels. The backward borrows that kernel: with mean 0 and
     rstd = 1 / rms(x), LayerNorm's dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)) and
     dweight = sum of g*xhat are RMSNorm's, but for the mean(g*w) term, added back with one
     matrix-vector product. 0.9 ms instead of 1.6 ms per (8, 256, 384) forward and backward."""
