@@ -3,15 +3,18 @@ that the baseline (AdamW + cosine) ends with, on one corpus and model shape, ove
 
     python benchmarks/time_to_loss.py [--preset mini] [--shape 6x384] [--tokens 1e6]
         [--micro_batch_size 16] [--gradient_accumulation_steps 1] [--seeds 1 2] [--variants ...]
-        [--baseline adamw-cosine]
+        [--baseline adamw-cosine] [--data DIR | --corpus FILE... [--prepare_args "..."]] [--train_args "..."]
 
 Every run is `accel_pretrain.train` itself in a subprocess, with the same token budget, batch and
 peak lr (--lr, or VARIANT@LR for one variant: `adamw-cosine@1e-3 adamw-cosine@4e-3` is an lr
 sweep); they differ only in the flags of their variant. Each seed's target is the final
 validation loss of the baseline run with that seed; "tokens to target" interpolates between
 evaluations, and every ratio is against the baseline of the same seed (median and range over seeds).
-Corpus: ../shared/corpora/austen.txt as one document per chapter, tokenized once with an 8,192-token
-trained BPE. Prints a table and writes the curves of the first seed with accel_pretrain.plot.
+Data: --data, a folder made by tokenization.prepare (any tokenizer); or --corpus, anything that
+tokenization.prepare reads (files, folders, globs, a Hugging Face dataset name), prepared once
+(--prepare_args passes it flags such as --tokenizer or --doc_separator; without --tokenizer it
+trains an 8,192-token BPE); by default ../shared/corpora/austen.txt as one document per chapter. --train_args adds flags to every run (they come last, so they override a
+variant's). Prints a table and writes the curves of the first seed with accel_pretrain.plot.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -74,6 +78,43 @@ def variant_spec(spec: str) -> str:
     return spec
 
 
+def run_logged(cmd: list[str], log: Path, what: str) -> None:
+    """cmd with its output in log; a failure ends the benchmark with one line that points there."""
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}).returncode
+    if code:
+        sys.exit(f"time_to_loss: {what} failed (exit {code}); its output is in {log}")
+
+
+def prepare_data(work: Path, args: argparse.Namespace) -> Path:
+    """The prepared data every run trains on: --data as given, else --corpus (or the default Austen
+    chapters) tokenized once into WORK/data. A --work folder prepared from another source is
+    refused, since its finished runs would be reused."""
+    if args.data:
+        if not (Path(args.data) / "meta.json").is_file():
+            sys.exit(f"time_to_loss: {args.data} has no meta.json; make it with python -m tokenization.prepare")
+        return Path(args.data)
+    data, corpus = work / "data", list(args.corpus or [])
+    if not corpus:
+        if not CORPUS.is_file():
+            sys.exit(f"time_to_loss: no corpus: {CORPUS} is not here; pass --corpus FILE or --data DIR")
+        chapters = re.split(r"\n(?=CHAPTER [IVXLC]+\n)", CORPUS.read_text(encoding="utf-8"))
+        corpus = [str(work / "chapters.jsonl")]
+        Path(corpus[0]).write_text("".join(json.dumps({"text": c.strip()}) + "\n" for c in chapters if c.strip()),
+                                   encoding="utf-8")
+    source = {"corpus": [str(Path(c).resolve()) if Path(c).exists() else c for c in corpus], "prepare_args": args.prepare_args}
+    record = work / "data_source.json"
+    if (data / "meta.json").exists():
+        if record.exists() and json.loads(record.read_text()) == source:
+            return data
+        sys.exit(f"time_to_loss: {work} holds data and runs of another corpus or preparation; pass another --work")
+    cmd = [sys.executable, "-m", "tokenization.prepare", *corpus, "--out", str(data), "--overwrite"]
+    run_logged(cmd + shlex.split(args.prepare_args), work / "prepare.out", "tokenization.prepare")
+    record.write_text(json.dumps(source))
+    return data
+
+
 def run(data: Path, out: Path, args: argparse.Namespace, spec: str, seed: int) -> list[tuple[float, float, float]]:
     """(tokens, seconds, validation loss) at every evaluation of one run; a finished run in --work is reused."""
     variant, _, lr = spec.partition("@")
@@ -86,11 +127,9 @@ def run(data: Path, out: Path, args: argparse.Namespace, spec: str, seed: int) -
            *shape_flags(args.shape), "--max_steps", str(steps), "--warmup_steps", str(max(1, steps // 20)),
            "--lr", lr or str(args.lr), "--eval_interval", str(max(1, steps // args.evals)), "--eval_iters",
            str(args.eval_iters), "--save_interval", str(steps), "--log_interval", str(max(1, steps // 50)),
-           "--seed", str(seed), "--mixed_precision", args.precision, *VARIANTS[variant]]
+           "--seed", str(seed), "--mixed_precision", args.precision, *VARIANTS[variant], *shlex.split(args.train_args)]
     if not finished:
-        with open(out.parent / f"{out.name}.out", "w") as log:
-            subprocess.run(cmd, check=True, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        run_logged(cmd, out.parent / f"{out.name}.out", f"run {out.name}")
     lines = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     per_step = next(r["tokens_per_step"] for r in lines if "tokens_per_step" in r)
     elapsed = {r["step"]: r["elapsed_s"] for r in lines if "elapsed_s" in r}
@@ -114,25 +153,28 @@ def main() -> None:
                    help=f"from {', '.join(VARIANTS)}; @LR overrides --lr for that run")
     p.add_argument("--baseline", default="adamw-cosine", type=variant_spec,
                    help="the run whose final validation loss is each seed's target (one of --variants)")
+    p.add_argument("--data", default=None, help="a folder made by tokenization.prepare to train on")
+    p.add_argument("--corpus", nargs="+", default=None, help="or a corpus to prepare first (what tokenization.prepare reads)")
+    p.add_argument("--prepare_args", default="", help='with --corpus: tokenization.prepare flags, e.g. "--tokenizer DIR"')
+    p.add_argument("--train_args", default="", help='more accel_pretrain.train flags for every run, e.g. "--weight_decay 0.05"')
     p.add_argument("--work", default=None, help="folder for data and runs (default: a temporary one)")
     p.add_argument("--plot", default="time_to_loss.png")
     args = p.parse_args()
     if args.baseline not in args.variants:
         p.error(f"--baseline {args.baseline} is not among --variants")
+    if args.data and (args.corpus or args.prepare_args):
+        p.error("--data is prepared already: give --corpus and --prepare_args without it")
     work = Path(args.work or tempfile.mkdtemp(prefix="ttl-"))
     work.mkdir(parents=True, exist_ok=True)
-    data = work / "data"
-    if not (data / "meta.json").exists():
-        chapters = re.split(r"\n(?=CHAPTER [IVXLC]+\n)", CORPUS.read_text(encoding="utf-8"))
-        corpus = work / "chapters.jsonl"
-        corpus.write_text("".join(json.dumps({"text": c.strip()}) + "\n" for c in chapters if c.strip()), encoding="utf-8")
-        subprocess.run([sys.executable, "-m", "tokenization.prepare", str(corpus), "--out", str(data), "--overwrite"],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    data = prepare_data(work, args)
     curves = {(v, s): run(data, work / f"{v}-s{s}", args, v, s) for s in args.seeds for v in args.variants}
     base = {s: curves[(args.baseline, s)][-1] for s in args.seeds}  # (tokens, seconds, loss) at its end
     print(f"machine: {machine()}; preset {args.preset}{' ' + args.shape if args.shape else ''}, block "
           f"{args.block_size}, micro-batch {args.micro_batch_size} x {args.gradient_accumulation_steps} accumulated, "
-          f"{args.tokens:,.0f} tokens, lr {args.lr}, precision {args.precision}, seeds {args.seeds}")
+          f"{args.tokens:,.0f} tokens, lr {args.lr}, precision {args.precision}, seeds {args.seeds}"
+          + (f", extra flags {args.train_args}" if args.train_args else ""))
+    meta = json.loads((data / "meta.json").read_text())
+    print(f"data: {data} ({meta['train_tokens']:,} training tokens, vocabulary {meta['vocab_size']:,})")
     print(f"target of each seed: the final validation loss of the baseline ({args.baseline}) with that seed: "
           + ", ".join(f"{base[s][2]:.4f}" for s in args.seeds))
     print(f"{'variant':<22} {'final val loss per seed':<24} {'tokens to target':>17} {'x baseline':>14} "
