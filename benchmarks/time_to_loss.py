@@ -13,8 +13,9 @@ evaluations, and every ratio is against the baseline of the same seed (median an
 Data: --data, a folder made by tokenization.prepare (any tokenizer); or --corpus, anything that
 tokenization.prepare reads (files, folders, globs, a Hugging Face dataset name), prepared once
 (--prepare_args passes it flags such as --tokenizer or --doc_separator; without --tokenizer it
-trains an 8,192-token BPE); by default ../shared/corpora/austen.txt as one document per chapter. --train_args adds flags to every run (they come last, so they override a
-variant's). Prints a table and writes the curves of the first seed with accel_pretrain.plot.
+trains an 8,192-token BPE); by default ../shared/corpora/austen.txt as one document per chapter.
+--train_args adds flags to every run (they come last, so they override a variant's). Prints a
+table and writes the curves of the first seed with accel_pretrain.plot.
 """
 from __future__ import annotations
 
@@ -78,11 +79,17 @@ def variant_spec(spec: str) -> str:
     return spec
 
 
+def child_env() -> dict[str, str]:
+    """The children run in the caller's folder, so that relative paths in --corpus, --prepare_args and
+    --train_args mean what they meant there, and import this checkout's packages."""
+    path = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+
+
 def run_logged(cmd: list[str], log: Path, what: str) -> None:
     """cmd with its output in log; a failure ends the benchmark with one line that points there."""
     with open(log, "w") as f:
-        code = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                              env={**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}).returncode
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env()).returncode
     if code:
         sys.exit(f"time_to_loss: {what} failed (exit {code}); its output is in {log}")
 
@@ -103,7 +110,8 @@ def prepare_data(work: Path, args: argparse.Namespace) -> Path:
         corpus = [str(work / "chapters.jsonl")]
         Path(corpus[0]).write_text("".join(json.dumps({"text": c.strip()}) + "\n" for c in chapters if c.strip()),
                                    encoding="utf-8")
-    source = {"corpus": [str(Path(c).resolve()) if Path(c).exists() else c for c in corpus], "prepare_args": args.prepare_args}
+    named = [str(Path(c).resolve()) if Path(c).exists() else c for c in corpus]  # a path, or a dataset name
+    source = {"corpus": named, "prepare_args": args.prepare_args}
     record = work / "data_source.json"
     if (data / "meta.json").exists():
         if record.exists() and json.loads(record.read_text()) == source:
@@ -154,9 +162,12 @@ def main() -> None:
     p.add_argument("--baseline", default="adamw-cosine", type=variant_spec,
                    help="the run whose final validation loss is each seed's target (one of --variants)")
     p.add_argument("--data", default=None, help="a folder made by tokenization.prepare to train on")
-    p.add_argument("--corpus", nargs="+", default=None, help="or a corpus to prepare first (what tokenization.prepare reads)")
-    p.add_argument("--prepare_args", default="", help='with --corpus: tokenization.prepare flags, e.g. "--tokenizer DIR"')
-    p.add_argument("--train_args", default="", help='more accel_pretrain.train flags for every run, e.g. "--weight_decay 0.05"')
+    p.add_argument("--corpus", nargs="+", default=None,
+                   help="or a corpus to prepare first (what tokenization.prepare reads)")
+    p.add_argument("--prepare_args", default="",
+                   help='flags for tokenization.prepare of the corpus, e.g. "--tokenizer DIR"')
+    p.add_argument("--train_args", default="",
+                   help='more accel_pretrain.train flags for every run, e.g. "--weight_decay 0.05"')
     p.add_argument("--work", default=None, help="folder for data and runs (default: a temporary one)")
     p.add_argument("--plot", default="time_to_loss.png")
     args = p.parse_args()
@@ -195,7 +206,7 @@ def main() -> None:
         print(f"{v:<22} {finals:<24} {tok_abs:>17} {spread(tok):>14} {spread(sec):>19} {spread(speed):>22}{missing}")
     subprocess.run([sys.executable, "-m", "accel_pretrain.plot",
                     *[str(work / f"{v}-s{args.seeds[0]}") for v in args.variants], "--out", args.plot],
-                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+                   check=True, env=child_env(), stdout=subprocess.DEVNULL)
     print(f"curves of seed {args.seeds[0]}: {args.plot}; runs in {work}")
 
 

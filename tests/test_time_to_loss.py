@@ -15,9 +15,9 @@ SMALL = ["--preset", "tiny", "--block_size", "32", "--micro_batch_size", "4", "-
          "--eval_iters", "2", "--seeds", "1", "--precision", "no"]
 
 
-def time_to_loss(*args) -> subprocess.CompletedProcess:
+def time_to_loss(*args, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "time_to_loss.py"), *map(str, args)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_prepared_data_and_extra_flags(tmp_path, data_dir):
@@ -42,9 +42,11 @@ def test_own_corpus_and_tokenizer_then_another_corpus_is_refused(tmp_path, docum
     words = " ".join(make_documents(300, seed=5) + documents).replace(".", " ").replace(":", " ").split()
     tok = build_wordlevel_tokenizer(tmp_path / "tok", words)
     work = tmp_path / "work"
-    out = time_to_loss(*SMALL, "--corpus", corpus, "--prepare_args", f"--tokenizer {tok} --doc_separator blank", "--variants", "adamw-cosine", "--work", work,
-                       "--plot", tmp_path / "curves.png")
+    prepare = f"--tokenizer {tok.name} --doc_separator blank"
+    out = time_to_loss(*SMALL, "--corpus", corpus.name, "--prepare_args", prepare, "--variants", "adamw-cosine",
+                       "--work", work.name, cwd=tmp_path)  # paths relative to the caller's folder
     assert out.returncode == 0, out.stdout + out.stderr
+    assert (tmp_path / "time_to_loss.png").stat().st_size > 0
     meta = json.loads((work / "data" / "meta.json").read_text())
     assert meta["documents"] == 300 and meta["vocab_size"] == len(set(words)) + 2, meta
     assert re.search(r"^adamw-cosine\s+\d\.\d{4}", out.stdout, re.M)
