@@ -135,10 +135,11 @@ def gpt2_step(cfg: ModelConfig, block_size: int, micro_batch: int, precision: st
     return bare_step(cfg, block_size, micro_batch, precision, compile, model.to(DEVICE))
 
 
-def bare_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, precision: str) -> tuple[float, float, float, float]:
+def bare_pairs(cfg: ModelConfig, args: argparse.Namespace, precision: str, steps: int
+               ) -> tuple[list[tuple[float, float]], float]:
     """Our bare loop against the GPT-2 one, one step of each in turn (so that a machine whose speed
-    drifts slows both alike): tokens/s of each (medians), the median of the per-pair speed ratios
-    ours / GPT-2, and our loop's peak device memory in GiB (0 on CPU)."""
+    drifts slows both alike): the seconds of each pair, and our loop's peak device memory in GiB (0
+    on CPU). The loops are built afresh on every call and freed after it."""
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     ours = bare_step(cfg, args.block_size, args.micro_batch_size, precision, args.compile)
@@ -148,10 +149,7 @@ def bare_tokens_per_s(cfg: ModelConfig, args: argparse.Namespace, precision: str
     gpt2 = gpt2_step(cfg, args.block_size, args.micro_batch_size, precision, args.compile)
     gpt2()
     gpt2()
-    pairs = [(timed(ours), timed(gpt2)) for _ in range(args.steps)]
-    tokens = args.micro_batch_size * args.block_size
-    return (tokens / statistics.median(a for a, _ in pairs), tokens / statistics.median(b for _, b in pairs),
-            statistics.median(b / a for a, b in pairs), peak)
+    return [(timed(ours), timed(gpt2)) for _ in range(steps)], peak
 
 
 def largest_micro_batch(cfg: ModelConfig, args: argparse.Namespace, precision: str) -> int:
@@ -232,9 +230,14 @@ def main() -> None:
         for precision in args.precision:
             runs = []
             for i in range(args.repeats):  # interleaved, so drifting machine load hits all three alike
-                ours, gpt2, pair, mem = bare_tokens_per_s(cfg, args, precision)
+                # Half the bare pairs before the train run and half after: the bare speed that scales
+                # the train run is then taken around it, not only minutes before it.
+                pairs, mem = bare_pairs(cfg, args, precision, (args.steps + 1) // 2)
                 acc = math.nan if args.system_malloc else accelerate_tokens_per_s(data, root, args, cfg, precision, i)
-                runs.append((matmul_flops(precision), ours, gpt2, pair, mem, acc))
+                pairs += bare_pairs(cfg, args, precision, args.steps // 2)[0]
+                tokens = args.micro_batch_size * args.block_size
+                ours, gpt2 = (tokens / statistics.median(p[j] for p in pairs) for j in (0, 1))
+                runs.append((matmul_flops(precision), ours, gpt2, statistics.median(b / a for a, b in pairs), mem, acc))
             mm, bare, gpt2, bare_gpt2, mem, acc = (statistics.median(r[j] for r in runs) for j in range(6))
             # Ratios are taken within each repeat, then the median: a machine whose speed drifts moves
             # both sides of a same-repeat ratio alike. Ours / GPT-2 through train = (train / bare loop,
