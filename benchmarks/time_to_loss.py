@@ -81,9 +81,10 @@ def variant_spec(spec: str) -> str:
 
 def child_env() -> dict[str, str]:
     """The children run in the caller's folder, so that relative paths in --corpus, --prepare_args and
-    --train_args mean what they meant there, and import this checkout's packages."""
+    --train_args mean what they meant there, and import this checkout's packages. The hub settings are
+    the caller's: a tokenizer or dataset named in --prepare_args or --corpus may need the network."""
     path = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)
-    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def run_logged(cmd: list[str], log: Path, what: str) -> None:
