@@ -205,9 +205,8 @@ def main() -> None:
         tok_abs = f"{statistics.median(hits[s][0] for s in reached):,.0f}" if reached else "-"
         missing = f" [{len(args.seeds) - len(reached)} seed(s) not reached]" if len(reached) < len(args.seeds) else ""
         print(f"{v:<22} {finals:<24} {tok_abs:>17} {spread(tok):>14} {spread(sec):>19} {spread(speed):>22}{missing}")
-    subprocess.run([sys.executable, "-m", "accel_pretrain.plot",
-                    *[str(work / f"{v}-s{args.seeds[0]}") for v in args.variants], "--out", args.plot],
-                   check=True, env=child_env(), stdout=subprocess.DEVNULL)
+    run_logged([sys.executable, "-m", "accel_pretrain.plot", *[str(work / f"{v}-s{args.seeds[0]}") for v in args.variants],
+                "--out", args.plot], work / "plot.out", "accel_pretrain.plot")
     print(f"curves of seed {args.seeds[0]}: {args.plot}; runs in {work}")
 
 
