@@ -103,14 +103,11 @@ def prepare_data(work: Path, args: argparse.Namespace) -> Path:
         if not (Path(args.data) / "meta.json").is_file():
             sys.exit(f"time_to_loss: {args.data} has no meta.json; make it with python -m tokenization.prepare")
         return Path(args.data)
-    data, corpus = work / "data", list(args.corpus or [])
+    data, corpus, chapters = work / "data", list(args.corpus or []), (work / "chapters.jsonl").resolve()
     if not corpus:
         if not CORPUS.is_file():
             sys.exit(f"time_to_loss: no corpus: {CORPUS} is not here; pass --corpus FILE or --data DIR")
-        chapters = re.split(r"\n(?=CHAPTER [IVXLC]+\n)", CORPUS.read_text(encoding="utf-8"))
-        corpus = [str(work / "chapters.jsonl")]
-        Path(corpus[0]).write_text("".join(json.dumps({"text": c.strip()}) + "\n" for c in chapters if c.strip()),
-                                   encoding="utf-8")
+        corpus = [str(chapters)]
     named = [str(Path(c).resolve()) if Path(c).exists() else c for c in corpus]  # a path, or a dataset name
     source = {"corpus": named, "prepare_args": args.prepare_args}
     record = work / "data_source.json"
@@ -118,6 +115,9 @@ def prepare_data(work: Path, args: argparse.Namespace) -> Path:
         if record.exists() and json.loads(record.read_text()) == source:
             return data
         sys.exit(f"time_to_loss: {work} holds data and runs of another corpus or preparation; pass another --work")
+    if not args.corpus:  # the default: Austen, one document per chapter, written only when it is prepared
+        parts = re.split(r"\n(?=CHAPTER [IVXLC]+\n)", CORPUS.read_text(encoding="utf-8"))
+        chapters.write_text("".join(json.dumps({"text": c.strip()}) + "\n" for c in parts if c.strip()), encoding="utf-8")
     cmd = [sys.executable, "-m", "tokenization.prepare", *corpus, "--out", str(data), "--overwrite"]
     run_logged(cmd + shlex.split(args.prepare_args), work / "prepare.out", "tokenization.prepare")
     record.write_text(json.dumps(source))
