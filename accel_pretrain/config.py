@@ -3,8 +3,10 @@ command-line overrides, in that order. The resolved result is written into every
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -134,8 +136,11 @@ class TrainConfig:
     init_from: str | None = opt(None, "start from a Hugging Face Llama checkpoint (folder or hub name)")
     report_to: str = opt("none", "trackers: none, wandb, tensorboard or all")
     project_name: str = opt("accel-pretrain", "tracker project name")
-    mixed_precision: str | None = opt(None, "no (fp32), bf16, fp16 or auto; default: the accelerate config's")
+    mixed_precision: str | None = opt(None, "no (fp32), bf16, fp16 or auto (bf16 where the hardware has it natively); "
+                                             "default: the launch config's bf16 or fp16, else auto on CPU, fp32 on GPU")
     compile: bool = opt(False, "torch.compile the model")
+    activation_checkpointing: bool = opt(False, "keep only each block's input for the backward and recompute the "
+                                                "rest (about a third more compute, a fraction of the memory)")
     document_masking: bool = opt(False, "attend only within each document of a window (documents end at EOS)")
     peak_flops: float | None = opt(None, "peak FLOP/s per device for MFU (default: looked up for known GPUs)")
     overwrite: bool = opt(False, "replace an existing run in --out")
@@ -157,18 +162,12 @@ class TrainConfig:
             raise UserError("warmup_steps, weight_decay and grad_clip must not be negative")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise UserError("beta1 and beta2 must be in [0, 1)")
-        if self.optimizer not in ("adamw", "muon"):
-            raise UserError(f"optimizer must be adamw or muon (got {self.optimizer!r})")
-        if self.lr_schedule not in ("cosine", "wsd"):
-            raise UserError(f"lr_schedule must be cosine or wsd (got {self.lr_schedule!r})")
-        if self.decay_shape not in ("linear", "1-sqrt") or not 0 < self.decay_fraction <= 1:
-            raise UserError("decay_shape must be linear or 1-sqrt and decay_fraction in (0, 1]")
-        if self.report_to not in ("none", "wandb", "tensorboard", "all"):
-            raise UserError(f"report_to must be none, wandb, tensorboard or all (got {self.report_to!r})")
-        if self.mixed_precision not in (None, "no", "bf16", "fp16", "auto"):
-            raise UserError(f"mixed_precision must be no, bf16, fp16 or auto (got {self.mixed_precision!r})")
-        if self.mixed_precision == "auto":
-            self.mixed_precision = auto_precision()
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise UserError(f"{name} must be {' or '.join(allowed)} (got {value!r}){did_you_mean(value, allowed)}")
+        if not 0 < self.decay_fraction <= 1:
+            raise UserError(f"decay_fraction must be in (0, 1] (got {self.decay_fraction})")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise UserError("peak_flops must be positive")
         if self.block_size > self.model.max_position_embeddings:
@@ -182,6 +181,20 @@ class TrainConfig:
     given: ClassVar[set[str]] = set()  # the keys set on the command line or in --config (resolve fills it)
 
 
+# The values an enum-like field takes; a wrong one is refused with the closest.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": ("adamw", "muon"), "lr_schedule": ("cosine", "wsd"), "decay_shape": ("linear", "1-sqrt"),
+    "report_to": ("none", "wandb", "tensorboard", "all"), "mixed_precision": ("no", "bf16", "fp16", "auto"),
+}
+
+
+def did_you_mean(value: str, choices: typing.Iterable[str], prefix: str = "") -> str:
+    """'; did you mean --max_steps?' for the closest choice (case ignored), or ''."""
+    lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(str(value).lower(), list(lower), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{lower[close[0]]}?" if close else ""
+
+
 def auto_precision() -> str:
     """bf16 where the hardware computes it natively; emulated bf16 on a CPU without AVX-512 BF16 or
     AMX is several times slower than fp32, so such CPUs get fp32."""
@@ -191,6 +204,28 @@ def auto_precision() -> str:
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return "bf16" if native else "no"
+
+
+def resolve_precision(requested: str | None) -> tuple[str, str]:
+    """The precision a run uses and why, for the banner: --mixed_precision first, then the launch
+    config's bf16 or fp16, then auto on a CPU (fp32 where bf16 is emulated, ~20x slower) and fp32 on a
+    GPU, as its launch config says. `accelerate launch` passes a config's 'no' exactly as it passes a
+    missing key, so on a CPU fp32 is asked for with --mixed_precision no."""
+    import torch
+
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if requested not in (None, "auto"):
+        return requested, "--mixed_precision"
+    if requested is None and launcher != "no":
+        return launcher, "the launch config"
+    if requested is None and torch.cuda.is_available():
+        return "no", "the launch config; --mixed_precision auto would pick " + auto_precision()
+    chosen = auto_precision()
+    if torch.cuda.is_available():
+        why = "bf16 on this GPU" if chosen == "bf16" else "this GPU has no bf16"
+    else:
+        why = "native bf16 on this CPU" if chosen == "bf16" else "this CPU has no native bf16"
+    return chosen, f"auto: {why}"
 
 
 MODEL_FIELDS = {f.name: f for f in fields(ModelConfig)}
@@ -264,7 +299,7 @@ def _read_file(path: str) -> dict[str, Any]:
         raise UserError(f"config file {path}: 'model' must be a mapping")
     for k, v in model.items():
         if k not in MODEL_FIELDS:
-            raise UserError(f"config file {path}: unknown model field {k!r}")
+            raise UserError(f"config file {path}: unknown model field {k!r}{did_you_mean(k, MODEL_FIELDS)}")
         flat[k] = v
     if isinstance(flat.get("data"), list):  # a mixture: [DIR:WEIGHT, ...] or [{path: DIR, weight: W}, ...]
         items = [f"{d['path']}:{d.get('weight', 1)}" if isinstance(d, dict) and "path" in d else str(d)
@@ -284,10 +319,12 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if key not in TRAIN_FIELDS and key not in MODEL_FIELDS and key != "config":
-            raise UserError(f"unknown option --{key}; see --help for the fields")
+            hint = did_you_mean(key, [*TRAIN_FIELDS, *MODEL_FIELDS, "config"], prefix="--")
+            raise UserError(f"unknown option --{key}{hint or '; see --help for the fields'}")
         if not eq:
             nxt = args[i + 1] if i + 1 < len(args) else None
-            takes_flag = key in ("resume", "overwrite", "compile", "tie_word_embeddings", "document_masking")
+            takes_flag = key in ("resume", "overwrite", "compile", "tie_word_embeddings", "document_masking",
+                                 "activation_checkpointing")
             if nxt is None or (nxt.startswith("--") and takes_flag):
                 if not takes_flag:
                     raise UserError(f"--{key} needs a value")
@@ -335,14 +372,14 @@ def resolve(args: list[str]) -> TrainConfig:
     given.update(cli)
     for key in given:
         if key not in TRAIN_FIELDS and key not in MODEL_FIELDS:
-            raise UserError(f"unknown config key {key!r}")
+            raise UserError(f"unknown config key {key!r}{did_you_mean(key, [*TRAIN_FIELDS, *MODEL_FIELDS])}")
     values = run_config(given) if given.get("resume") else {}
     values.update(given)
     cfg = TrainConfig()
     preset = _convert("preset", given.get("preset"))
     if preset is not None:
         if preset not in PRESETS:
-            raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+            raise UserError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}{did_you_mean(preset, PRESETS)}")
         cfg.model = dataclasses.replace(cfg.model, **PRESETS[preset])
         values = {k: v for k, v in values.items() if k not in PRESETS[preset] or k in given}
     for key, value in values.items():

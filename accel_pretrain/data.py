@@ -23,7 +23,15 @@ CHUNK = 1 << 24  # tokens per read when scanning a split
 
 
 def parse_data_spec(spec: str) -> list[tuple[str, float]]:
-    """'dir' -> [(dir, 1.0)]; 'a:0.7,b:0.3' -> [(a, 0.7), (b, 0.3)], weights normalised to sum 1."""
+    """'dir' -> [(dir, 1.0)]; 'a:0.7,b:0.3' -> [(a, 0.7), (b, 0.3)], weights normalised to sum 1
+    ('a:7,b:3' and 'a:0.7,b:0.4' are ratios too)."""
+    sources = given_weights(spec)
+    total = sum(w for _, w in sources)
+    return [(p, w / total) for p, w in sources]
+
+
+def given_weights(spec: str) -> list[tuple[str, float]]:
+    """The sources of a --data spec with their weights as written."""
     sources = []
     for item in str(spec).split(","):
         path, sep, weight = item.strip().rpartition(":")
@@ -35,8 +43,7 @@ def parse_data_spec(spec: str) -> list[tuple[str, float]]:
         if not path or not (w > 0 and np.isfinite(w)):
             raise UserError(f"--data {spec!r}: each source is DIR or DIR:WEIGHT with a positive weight")
         sources.append((path, w))
-    total = sum(w for _, w in sources)
-    return [(p, w / total) for p, w in sources]
+    return sources
 
 
 def _read_meta(d: Path) -> dict[str, Any]:
@@ -146,6 +153,7 @@ class TokenData:
     def __init__(self, spec: str | Path):
         self.spec = str(spec)
         self.sources = parse_data_spec(self.spec)
+        self.given_weights = [w for _, w in given_weights(self.spec)]
         self.dir = Path(self.sources[0][0])
         self.metas: list[dict[str, Any]] = []  # one per source
         train_groups, valid_groups, first = [], [], None

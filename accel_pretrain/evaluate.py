@@ -64,10 +64,15 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m accel_pretrain.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="run directory, checkpoint, or Hugging Face Llama folder/name")
-    p.add_argument("--data", required=True, help="prepared data directory (reads valid_ids.npy)")
+    p.add_argument("--data", required=True,
+                   help="prepared data directory (reads valid_ids.npy), or a mixture DIR:WEIGHT,DIR:WEIGHT as "
+                        "training takes it: with --max_windows K each source gives its first windows in proportion "
+                        "to its weight (training's eval: K = eval_iters x micro_batch_size, so --max_windows K "
+                        "reproduces train_log.jsonl's val_loss), without it every window of every source counts")
     p.add_argument("--block_size", type=int, default=None, help="window length (default: the run's block_size, else 256)")
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_windows", type=int, default=None, help="score only the first K windows")
+    p.add_argument("--max_windows", type=int, default=None,
+                   help="score only the first K windows (shared out by weight in a mixture)")
     p.add_argument("--document_masking", action="store_true",
                    help="attend only within each document of a window, as a run trained with it does")
     args = p.parse_args(argv)

@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import ModelConfig
@@ -231,6 +232,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.checkpoint_blocks = False  # activation checkpointing per Block (train's --activation_checkpointing)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -276,8 +278,12 @@ class Transformer(nn.Module):
             raise ValueError(f"KV cache holds {cache.max_len} positions; {pos + input_ids.shape[1]} needed")
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.config, input_ids.shape[1], x.device, pos)
+        recompute = self.checkpoint_blocks and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, pos, attn_mask)
+            if recompute:  # keep only each block's input; its insides are recomputed in the backward
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, pos, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cache.layers[i] if cache is not None else None, pos, attn_mask)
         if cache is not None:
             cache.pos += input_ids.shape[1]
         return self.norm(x)

@@ -17,7 +17,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "wsd":
-        decay_start = max(cfg.warmup_steps, cfg.max_steps - round(cfg.decay_fraction * cfg.max_steps))
+        decay_start = wsd_decay_start(cfg)
         if step < decay_start or cfg.max_steps <= decay_start:
             return cfg.lr
         progress = min(1.0, (step - decay_start) / (cfg.max_steps - decay_start))
@@ -27,6 +27,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr
     progress = min(1.0, (step - cfg.warmup_steps) / (cfg.max_steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def wsd_decay_start(cfg: TrainConfig) -> int:
+    """The first step of a WSD run's decay (the lr is constant before it)."""
+    return max(cfg.warmup_steps, cfg.max_steps - round(cfg.decay_fraction * cfg.max_steps))
 
 
 class MuonAdamW(torch.optim.Optimizer):

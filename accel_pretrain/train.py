@@ -9,32 +9,40 @@ clip_grad_norm_ -> AdamW + schedule -> eval / checkpoint / train_log.jsonl."""
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import math
 import os
 import pickle
 import platform
+import re
 import shutil
 import signal
+import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import torch
 
 from . import __version__
 from .checkpoint import list_checkpoints, read_state, resolve_checkpoint, save_checkpoint
-from .config import (MODEL_FIELDS, TrainConfig, changes, flatten, help_text, model_config_from_dict, resolve,
-                     save_json)
+from .config import (MODEL_FIELDS, TRAIN_FIELDS, TrainConfig, changes, flatten, help_text, model_config_from_dict, resolve,
+                     resolve_precision, save_json)
 from .data import TokenData, check_same_tokenizer, step_windows
 from .errors import UserError, run_cli
 from .evaluate import metrics, score
+from .memory import GIB, free_bytes, generous_bound, largest_micro_batch, step_memory
 from .model import Transformer, document_mask
-from .optim import apply_config_to_schedule, build_optimizer, build_scheduler
+from .optim import apply_config_to_schedule, build_optimizer, build_scheduler, lr_at, wsd_decay_start
 from .tracking import RunLog, peak_flops, trackers_for
 
+# Peak resident memory over the tensors counted by memory.step_memory: glibc's heap and the CPU
+# kernels' own buffers (1.27x and 1.24x measured for `mini` at micro-batch 100 and 200 x 256, fp32).
+ALLOCATOR_OVERHEAD = {"cpu": 1.2}
 RUN_FILES = ("config.json", "train_log.jsonl", "checkpoints", "tokenizer")
 PRECISION = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + gradient scaler"}
 
@@ -56,6 +64,30 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+
+
+class SpikeWatch:
+    """Flags a logged training loss far above the median of the recent ones: more than half a nat
+    and six median absolute deviations above it (the noise of the recent steps). Once per spike:
+    it re-arms when a loss comes back under the line. Costs nothing: the loss is already read."""
+
+    WINDOW, MIN_GAP, MADS = 20, 0.5, 6.0
+
+    def __init__(self) -> None:
+        self.recent: list[float] = []
+        self.armed = True
+
+    def check(self, loss: float) -> float | None:
+        """The median a spike rose above, or None."""
+        spike = None
+        if len(self.recent) >= self.WINDOW // 2:
+            median = statistics.median(self.recent)
+            mad = statistics.median(abs(x - median) for x in self.recent)
+            above = loss > median + max(self.MIN_GAP, self.MADS * mad) or not math.isfinite(loss)
+            spike = median if above and self.armed else None
+            self.armed = not above
+        self.recent = (self.recent + [loss])[-self.WINDOW:]
+        return spike
 
 
 def host_to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -105,12 +137,64 @@ def prepare_run_dir(cfg: TrainConfig) -> Path | None:
                                 "start it again with --overwrite")
             return resolve_checkpoint(run)
         return resolve_checkpoint(cfg.resume)
+    if has_run and not cfg.overwrite and not list_checkpoints(run) and not steps_logged(run):
+        cfg.overwrite = True  # it ended before its first optimizer step (a failed start): nothing to lose
+        return None
     if has_run and not cfg.overwrite:
         if not list_checkpoints(run):
             raise UserError(f"{run} holds a run that stopped before its first checkpoint; pass --overwrite to start "
                             "over, or choose another --out")
         raise UserError(f"{run} already holds a run; pass --resume to continue it or --overwrite to start over")
     return None
+
+
+def steps_logged(run: Path) -> bool:
+    """Whether RUN/train_log.jsonl records a finished optimizer step (step 1 is always logged)."""
+    path = run / "train_log.jsonl"
+    if not path.is_file():
+        return False
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            if "loss" in json.loads(line):
+                return True
+        except (json.JSONDecodeError, TypeError):
+            continue
+    return False
+
+
+def check_steps(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> bool:
+    """For a resume: False when the run is already complete (nothing to do), after refusing a
+    --max_steps at or below the checkpoint's step, which would rewrite the run's record for nothing."""
+    step = int(state.get("step", 0))
+    if cfg.max_steps > step:
+        warn_wsd_rewarm(cfg, ckpt, state)
+        return True
+    if "max_steps" in cfg.given:
+        raise UserError(f"--max_steps {cfg.max_steps} is at or below step {step} of {ckpt}; nothing changed "
+                        f"(pass a --max_steps above {step} to extend the run)")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run complete at step {step}; raise --max_steps to extend it", flush=True)
+    return False
+
+
+def warn_wsd_rewarm(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> None:
+    """Extending a WSD run from inside its decay would send the lr from the decayed value back up
+    to the peak: say so, and name the way around it, before anything is written."""
+    saved = state.get("config") or {}
+    step = int(state.get("step", 0))
+    if cfg.lr_schedule != "wsd" or saved.get("lr_schedule") != "wsd" or saved.get("max_steps", 0) >= cfg.max_steps:
+        return
+    before = TrainConfig(**{k: v for k, v in saved.items() if k in TRAIN_FIELDS})
+    start = wsd_decay_start(before)
+    was, now = lr_at(step - 1, before), lr_at(step, cfg)
+    if step <= start or now <= was * 1.01 or int(os.environ.get("RANK", "0")) != 0:
+        return
+    earlier = [c for c in list_checkpoints(ckpt.parent.parent) if int(c.name.split("_")[1]) <= start]
+    where = f"--resume {earlier[-1]}" if earlier else "a checkpoint from before it (none is kept)"
+    print(f"warning: {ckpt.name} is inside this WSD run's decay (it began at step {start} of {saved['max_steps']}); "
+          f"extending to --max_steps {cfg.max_steps} sends the lr from {was:.2e} back up to {now:.2e}. To extend "
+          f"without the jump, restart the decay from {where}, or continue at the decayed lr with --lr {cfg.min_lr:g}",
+          file=sys.stderr, flush=True)
 
 
 def check_trackers(report_to: str) -> None:
@@ -149,6 +233,90 @@ def check_resume(ckpt: Path, cfg: TrainConfig, data: TokenData) -> dict[str, Any
     return state
 
 
+def configure(argv: list[str]) -> tuple[TrainConfig, TokenData, str]:
+    """The resolved, validated config, its data, and why the precision is what it is."""
+    cfg = resolve(argv)
+    shape = sorted(cfg.given & ({"preset"} | set(MODEL_FIELDS)))
+    if cfg.init_from and shape and not cfg.resume:
+        raise UserError(f"--init_from takes the model's shape from the checkpoint; drop {', '.join('--' + k for k in shape)}")
+    data = TokenData(cfg.data)
+    if cfg.init_from is None:
+        cfg.model.vocab_size = data.vocab_size
+    cfg.validate()
+    cfg.mixed_precision, why = resolve_precision(cfg.mixed_precision)
+    data.check_block_size(cfg.block_size)
+    if cfg.document_masking and data.meta.get("eos_token_id") is None:
+        raise UserError(f"--document_masking needs the EOS id that ends each document; {data.spec} has none in meta.json")
+    return cfg, data, why
+
+
+def data_mixture(data: TokenData) -> dict[str, Any]:
+    """For config.json: the weights a mixture is drawn with, normalised to sum to 1."""
+    return {"data_mixture": {path: w for path, w in data.sources}} if len(data.sources) > 1 else {}
+
+
+def mixture_line(data: TokenData) -> str:
+    given = data.given_weights
+    line = "data mixture: " + ", ".join(f"{path} {w:.1%}" for path, w in data.sources)
+    if abs(sum(given) - 1) > 1e-9:
+        line += f" (the weights given sum to {sum(given):g}; each is divided by that)"
+    return line
+
+
+def check_memory(cfg: TrainConfig, model: Transformer, accelerator) -> None:
+    """Refuse, before anything is written, a batch whose step cannot fit the device's free memory
+    (GPU) or the RAM available (CPU), as memory.step_memory counts the step's peak."""
+    mb, T = cfg.micro_batch_size, cfg.block_size
+    device = accelerator.device
+    free, where = free_bytes(device)
+    if generous_bound(cfg.model, mb, T, cfg.document_masking) < free:
+        return
+    kind, world = accelerator.distributed_type.name, accelerator.num_processes
+    need = step_memory(cfg, accelerator.mixed_precision, shards=world if kind in ("FSDP", "DEEPSPEED") else 1,
+                       bucket_copy=kind == "MULTI_GPU" and world > 1)
+    # On a CPU the weights already sit in the RAM that free_bytes leaves out.
+    resident = sum(p.numel() * p.element_size() for p in model.parameters()) if device.type == "cpu" else 0
+    margin = ALLOCATOR_OVERHEAD.get(device.type, 1.0)
+    if need.total * margin - resident <= free:
+        return
+    raise UserError(f"a step of micro-batch {mb} x {T} tokens needs about {need.total * margin / GIB:.1f} GiB "
+                    f"({need.activations / GIB:.1f} GiB of activations and the backward's tensors, {need.state / GIB:.1f} "
+                    f"GiB of weights, gradients and optimizer state" + (f", x{margin} for the allocator" if margin > 1 else "")
+                    + f"), but only {free / GIB:.1f} GiB {where}; "
+                    + memory_advice(cfg, largest_micro_batch(need, free / margin, resident)))
+
+
+def memory_advice(cfg: TrainConfig, fits: int | None) -> str:
+    """What to lower, keeping the tokens per optimizer step."""
+    mb, ga = cfg.micro_batch_size, cfg.gradient_accumulation_steps
+    if fits == 0:
+        return (f"not even one window of {cfg.block_size} tokens fits: lower --block_size, use a smaller model"
+                + ("" if cfg.activation_checkpointing else ", or pass --activation_checkpointing"))
+    smaller = fits if fits else max(1, mb // 2)
+    while mb * ga % smaller:  # a divisor, so the tokens per step stay exactly the same
+        smaller -= 1
+    text = (f"lower --micro_batch_size to {smaller} and raise --gradient_accumulation_steps to "
+            f"{mb * ga // smaller} to keep {mb * ga * cfg.block_size:,} tokens per step and process")
+    return text + ("" if cfg.activation_checkpointing else ", or pass --activation_checkpointing")
+
+
+@contextmanager
+def out_of_memory_as_user_error(cfg: TrainConfig) -> Iterator[None]:
+    """An allocation that fails (torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError)
+    becomes one line with the size it tried and what to lower."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in text:
+            raise
+        tried = re.search(r"(?i)tried to allocate (\d+) bytes", text)
+        size = f"{int(tried[1]) / GIB:.2f} GiB" if tried else (re.search(r"(?i)tried to allocate ([\d.]+ \w+)", text)
+                                                                 or ["", "memory"])[1]
+        raise UserError(f"out of memory: a step of micro-batch {cfg.micro_batch_size} x {cfg.block_size} tokens tried "
+                        f"to allocate {size} more; " + memory_advice(cfg, None)) from None
+
+
 def build_model(cfg: TrainConfig, data: TokenData) -> Transformer:
     if cfg.init_from:
         from .hf import from_hf_pretrained
@@ -168,18 +336,10 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__ + "\n" + help_text())
         return 0
-    cfg = resolve(argv)
-    shape = sorted(cfg.given & ({"preset"} | set(MODEL_FIELDS)))
-    if cfg.init_from and shape and not cfg.resume:
-        raise UserError(f"--init_from takes the model's shape from the checkpoint; drop {', '.join('--' + k for k in shape)}")
-    data = TokenData(cfg.data)
-    if cfg.init_from is None:
-        cfg.model.vocab_size = data.vocab_size
-    cfg.validate()
-    data.check_block_size(cfg.block_size)
-    if cfg.document_masking and data.meta.get("eos_token_id") is None:
-        raise UserError(f"--document_masking needs the EOS id that ends each document; {data.spec} has none in meta.json")
+    cfg, data, precision_why = configure(argv)
     ckpt = prepare_run_dir(cfg)
+    if ckpt and not check_steps(cfg, ckpt, read_state(ckpt)):
+        return 0
     check_trackers(cfg.report_to)
 
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available():
@@ -204,8 +364,10 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(cfg.seed)
     run = Path(cfg.out)
     model = build_model(cfg, data)
+    model.checkpoint_blocks = cfg.activation_checkpointing
     data.check_ids_below(cfg.model.vocab_size)
     state: dict[str, Any] = check_resume(ckpt, cfg, data) if ckpt else {}
+    check_memory(cfg, model, accelerator)
 
     if accelerator.is_main_process:
         if cfg.overwrite and not ckpt:
@@ -214,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         run.mkdir(parents=True, exist_ok=True)
         for partial in (run / "checkpoints").glob(".partial-*"):  # left by a run killed mid-save
             shutil.rmtree(partial, ignore_errors=True)
-        save_json(cfg.to_dict(), run / "config.json")
+        save_json(cfg.to_dict() | data_mixture(data), run / "config.json")
         if not (run / "tokenizer").exists() and (data.dir / "tokenizer").is_dir():
             shutil.copytree(data.dir / "tokenizer", run / "tokenizer")
     accelerator.wait_for_everyone()
@@ -247,14 +409,17 @@ def main(argv: list[str] | None = None) -> int:
         log.truncate_after(start_step)
     header = {"event": "resume" if ckpt else "run", "step": start_step, "world_size": world,
               "mixed_precision": mixed, "parameters": n_params, "tokens_per_step": tokens_per_step,
-              "device": str(accelerator.device), "version": __version__, "config": cfg.to_dict()}
+              "device": str(accelerator.device), "version": __version__, "config": cfg.to_dict() | data_mixture(data)}
     log.write(header)
     if cfg.report_to != "none":
         accelerator.init_trackers(cfg.project_name, config={k: v for k, v in cfg.to_dict().items() if k != "model"}
                                   | {f"model.{k}": v for k, v in cfg.to_dict()["model"].items()})
     if ckpt and (changed := changes(flatten(state.get("config", {})), cfg)):
         accelerator.print("resuming with " + ", ".join(changed))
-    accelerator.print(f"{n_params / 1e6:.2f}M parameters | world size {world} | {PRECISION.get(mixed, mixed)} | "
+    if len(data.sources) > 1:
+        accelerator.print(mixture_line(data))
+    accelerator.print(f"{n_params / 1e6:.2f}M parameters | world size {world} | {PRECISION.get(mixed, mixed)} "
+                      f"({precision_why}) | "
                       f"{tokens_per_step:,} tokens per step ({mb} x {T} x {ga} accumulation x {world} processes)"
                       + (f" | resuming from {ckpt}" if ckpt else ""))
 
@@ -283,13 +448,14 @@ def main(argv: list[str] | None = None) -> int:
             raise_nonfinite(log, first, bad_norm, list_checkpoints(run))
 
     fp16_skips = 0
+    spikes = SpikeWatch()
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
                disable=None if accelerator.is_local_main_process else True)
     t_start = t_last = time.perf_counter()
     tokens_last = tokens_seen
     done = start_step
     model.train()
-    with StopRequest() as stop:
+    with StopRequest() as stop, out_of_memory_as_user_error(cfg):
         for step in range(start_step, cfg.max_steps):
             # get_batch: this step's windows for this rank, split into micro-batches below.
             batch = host_to_device(step_windows(data.train, mb * ga, T, cfg.seed, step, rank), accelerator.device)
@@ -337,6 +503,13 @@ def main(argv: list[str] | None = None) -> int:
                 if mixed == "fp16":
                     record["skipped_step"] = accelerator.optimizer_step_was_skipped
                 log.write(record)
+                if (spike := spikes.check(record["loss"])) and accelerator.is_main_process:
+                    log.write({"event": "spike", "step": done, "loss": record["loss"], "median": spike})
+                    last = list_checkpoints(run)
+                    bar.write(f"warning: loss spike at step {done}: {record['loss']:.3f} against a median of "
+                              f"{spike:.3f} over the last {len(spikes.recent)} logged steps; if it does not come back "
+                              f"down, resume from {last[-1] if last else 'the start'} with a lower --lr (README: "
+                              "\"When a run diverges\")", file=sys.stderr)
                 accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=done)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
                 if bar.disable and accelerator.is_main_process:  # not a terminal (make, CI, SLURM): a plain line

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--block_size", "32", "--micro_batch_size", "4", "--warmup_steps", "2",
-        "--eval_iters", "2", "--log_interval", "1", "--lr", "3e-3"]
+        "--eval_iters", "2", "--log_interval", "1", "--lr", "3e-3", "--mixed_precision", "no"]
 
 
 def train(*args) -> int:

@@ -83,14 +83,14 @@ def test_occupied_run_dir_and_resume_mismatches(tmp_path, data_dir, trained_run,
     before = sorted(p.name for p in trained_run.rglob("*"))
     assert train("--data", data_dir, "--out", trained_run, *TINY, "--max_steps", 2) == 2
     one_line_error(capsys, "already holds a run")
-    assert train("--data", data_dir, "--out", trained_run, *TINY, "--max_steps", 4, "--resume",
+    assert train("--data", data_dir, "--out", trained_run, *TINY, "--max_steps", 8, "--resume",
                  "--num_hidden_layers", 3) == 2
     one_line_error(capsys, "the model shape differs (num_hidden_layers 2 -> 3)")
     other = broken_data(tmp_path, data_dir, "none")
     meta = json.loads((other / "meta.json").read_text())
     meta["seed"] = 999
     (other / "meta.json").write_text(json.dumps(meta))
-    assert train("--data", other, "--out", trained_run, *TINY, "--max_steps", 4, "--resume") == 2
+    assert train("--data", other, "--out", trained_run, *TINY, "--max_steps", 8, "--resume") == 2
     one_line_error(capsys, "trained on other data")
     assert train("--data", data_dir, "--out", tmp_path / "fresh", *TINY, "--resume") == 2
     one_line_error(capsys, "holds no run")

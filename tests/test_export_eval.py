@@ -95,7 +95,7 @@ def test_launch_configs_parse(path: Path):
     from accelerate.commands.config.config_args import load_config_from_file
 
     cfg = load_config_from_file(str(path))
-    assert cfg.num_processes >= 1 and cfg.mixed_precision in ("no", "bf16", "fp16")
+    assert cfg.num_processes >= 1 and cfg.mixed_precision in ("no", "bf16", "fp16", None)  # None: train's auto
 
 
 def test_all_launch_configs_present():

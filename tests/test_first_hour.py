@@ -56,11 +56,24 @@ def test_a_run_that_died_before_its_first_checkpoint_points_to_overwrite(tmp_pat
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
-    (run / "train_log.jsonl").write_text("")
+    (run / "train_log.jsonl").write_text('{"event": "run", "step": 0}\n{"step": 1, "loss": 6.2}\n')
     assert train("--data", data_dir, "--out", run, *TINY) == 2
     one_line_error(capsys, "stopped before its first checkpoint; pass --overwrite")
     assert train("--data", data_dir, "--out", run, *TINY, "--resume") == 2
     one_line_error(capsys, "start it again with --overwrite")
+
+
+def test_a_run_that_died_before_its_first_step_does_not_block_the_next(tmp_path, data_dir, capsys):
+    """Killed (or out of memory) before one optimizer step: only its header was written, nothing to
+    lose, so the same command starts over without --overwrite."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "train_log.jsonl").write_text('{"event": "run", "step": 0}\n{"event": "run", "st')  # cut by a kill
+    (run / "notes.txt").write_text("mine")
+    assert train("--data", data_dir, "--out", run, *TINY, "--max_steps", 1) == 0
+    assert json.loads((run / "config.json").read_text())["max_steps"] == 1
+    assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
 
 
 def test_wandb_without_login_fails_before_writing(tmp_path, data_dir, capsys, monkeypatch):
@@ -102,7 +115,7 @@ def test_logs_and_help_a_person_can_read(tmp_path, data_dir):
                           capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert "| fp32 |" in lines[0], lines[0]
+    assert "| fp32 (--mixed_precision) |" in lines[0], lines[0]
     progress = [line for line in lines if line.startswith("step ") and "tok/s" in line]
     assert [p.split(" | ")[0] for p in progress] == ["step 1/4", "step 2/4", "step 4/4"], lines
     assert all("loss " in p and "ETA " in p for p in progress)

@@ -15,10 +15,12 @@ import sys
 from pathlib import Path
 
 from . import PrepareError, __version__
+from .prepare import TRAINED_BPE, print_fit, tokenizer_fit
 
 SUMMED = ("train_tokens", "valid_tokens", "train_bytes", "valid_bytes", "documents", "train_documents",
           "valid_documents")
 SAME = ("vocab_size", "eos_token_id", "dtype", "tokenizer_sha256")
+FIT_COUNTS = ("whitespace_only_tokens", "single_space_tokens", "unk_tokens")
 
 
 def read_meta(d: Path) -> dict:
@@ -64,8 +66,11 @@ def merge(dirs: list[Path], out: Path, overwrite: bool = False) -> Path:
                 "seed": first.get("seed"),
                 "shards": [os.path.relpath(d.resolve(), out) for d, _ in metas],
                 "sources": [s for _, m in metas for s in m.get("sources", [])]}
-        meta["bytes_per_token"] = round((meta["train_bytes"] + meta["valid_bytes"]) /
-                                        max(meta["train_tokens"] + meta["valid_tokens"] - meta["documents"], 1), 4)
+        text_tokens = meta["train_tokens"] + meta["valid_tokens"] - meta["documents"]
+        meta["bytes_per_token"] = round((meta["train_bytes"] + meta["valid_bytes"]) / max(text_tokens, 1), 4)
+        if all("tokenizer_fit" in m for _, m in metas):  # shards of an older version have none
+            counts = {k: sum(m["tokenizer_fit"][k] for _, m in metas) for k in FIT_COUNTS}
+            meta["tokenizer_fit"] = tokenizer_fit(counts, text_tokens, meta["train_bytes"] + meta["valid_bytes"])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads((out / "meta.json").read_text())
     print(f"wrote {out}/: {len(meta['shards'])} shards, {meta['train_tokens']:,} train + {meta['valid_tokens']:,} "
           "valid tokens, read in place")
+    if "tokenizer_fit" in meta:
+        print_fit(meta["tokenizer_fit"], trained=str(meta.get("tokenizer")).startswith(TRAINED_BPE))
     return 0
 
 

@@ -1,0 +1,177 @@
+"""What a training step must hold in memory, counted before the first step, so a batch that cannot
+fit is refused with one line instead of an allocator traceback or the kernel's OOM killer.
+
+The activations are not estimated from a formula: the model runs one forward pass at the real
+micro-batch shape on fake tensors (FakeTensorMode: shapes and dtypes, no storage, no arithmetic),
+under the run's autocast, and `saved_tensors_hooks` adds up every tensor autograd keeps for the
+backward. Weights, gradients and optimizer state are exact byte counts of the parameters."""
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from .config import ModelConfig, TrainConfig
+
+GIB = 1 << 30
+
+
+@dataclass
+class StepMemory:
+    """Bytes one process holds at the peak of a training step from the second step on (the
+    optimizer state exists then), counted on fake tensors."""
+
+    state: int  # weights, gradients and optimizer state (this process's share of them when sharded)
+    activations: int  # the rest of the peak: saved activations, the backward's gradients of them
+    micro_batch: int
+
+    @property
+    def total(self) -> int:
+        return self.state + self.activations
+
+    @property
+    def per_window(self) -> float:
+        """Activation bytes per window of the micro-batch (they grow linearly in it)."""
+        return self.activations / self.micro_batch
+
+
+class PeakBytes(TorchDispatchMode):
+    """Live and peak bytes of the tensor storages that operators create under it, each counted
+    until it is freed (torch's MemTracker does this per module, at a cost that grows with the
+    model: a minute for the 1b preset; this takes seconds)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen: set[int] = set()
+
+    def _add(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key, size = id(storage), storage.nbytes()
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key, size)
+
+    def _free(self, key: int, size: int) -> None:
+        self.seen.discard(key)
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 (torch's signature)
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+        return out
+
+
+def saved_activation_bytes(cfg: ModelConfig, micro_batch: int, block_size: int, precision: str,
+                           document_masking: bool = False, checkpointing: bool = False) -> int:
+    """Bytes autograd saves for the backward of one micro-batch (parameters themselves excluded)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .model import Transformer, document_mask
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[id(storage)] = storage.nbytes()
+        return t
+
+    with FakeTensorMode(), torch.device("cpu"):
+        model = Transformer(cfg)
+        model.checkpoint_blocks = checkpointing
+        params = {id(p.untyped_storage()) for p in model.parameters()}
+        ids = torch.zeros(micro_batch, block_size + 1, dtype=torch.long)
+        x, y = ids[:, :-1], ids[:, 1:]
+        mask = document_mask(x, 0) if document_masking else None
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            model(x, y, mask)
+    return sum(n for key, n in seen.items() if key not in params)
+
+
+def step_memory(train: TrainConfig, precision: str, shards: int = 1, bucket_copy: bool = False) -> StepMemory:
+    """The peak of two optimizer steps of `train` (its model, optimizer, micro-batch, accumulation,
+    document masking and activation checkpointing) under `precision`, on fake tensors. With
+    `shards` > 1 (FSDP, DeepSpeed) weights, gradients and optimizer state are divided among the
+    processes; `bucket_copy` adds DDP's gradient buckets (a second copy of the gradients)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .model import Transformer, document_mask
+    from .optim import build_optimizer
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with FakeTensorMode(), torch.device("cpu"), PeakBytes() as counter:
+        model = Transformer(train.model)
+        model.checkpoint_blocks = train.activation_checkpointing
+        optimizer = build_optimizer(model, train, fused=False)
+        ids = torch.zeros(train.micro_batch_size, train.block_size + 1, dtype=torch.long)
+        x, y = ids[:, :-1], ids[:, 1:]
+        mask = document_mask(x, 0) if train.document_masking else None
+        for step in range(2):
+            if step == 1:
+                counter.peak = counter.live  # the second step, with the optimizer state, is the one that counts
+            for _ in range(min(train.gradient_accumulation_steps, 2)):
+                with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                    _, loss = model(x, y, mask)
+                loss.backward()
+                del loss
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        params = {id(p): p for p in model.parameters()}.values()
+        weights = sum(p.numel() * p.element_size() for p in params)
+        moments = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                      if isinstance(t, torch.Tensor) and t.dim() > 0)
+    state = 2 * weights + moments  # weights and their gradients, which live through the backward's peak
+    activations = counter.peak - state
+    state = (state + (weights if bucket_copy else 0)) // shards
+    return StepMemory(state=state, activations=activations, micro_batch=train.micro_batch_size)
+
+
+def free_bytes(device: torch.device) -> tuple[int, str]:
+    """Memory a process of this run may still take, and a phrase naming it ('is free on the NVIDIA
+    H100'): the GPU's free memory, or the RAM the kernel reports available (or the cgroup's limit,
+    where lower) shared by this node's processes."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], f"is free on the {torch.cuda.get_device_name(device)}"
+    import psutil
+
+    free = psutil.virtual_memory().available
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int((cgroup / "memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return free // local, "of RAM is available" + (f" to each of this machine's {local} processes" if local > 1 else "")
+
+
+def largest_micro_batch(need: StepMemory, free: int, resident: int) -> int:
+    """The largest micro-batch whose step fits in `free` (0: not even one window)."""
+    return max(0, int((free - need.state + resident) // need.per_window)) if need.per_window > 0 else 0
+
+
+def generous_bound(cfg: ModelConfig, micro_batch: int, block_size: int, document_masking: bool) -> int:
+    """Bytes that a step cannot exceed by any measure here (several times what step_memory counts:
+    4 bytes per parameter for weights, gradients, two moments and a spare copy, 128 fp32 values of
+    the width and 32 of the MLP per token and block, 16 bytes per logit, a float per attention
+    score where a mask is kept): a batch under it skips the count's few seconds."""
+    tokens = micro_batch * block_size
+    params = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2) + cfg.num_hidden_layers * (
+        4 * cfg.hidden_size * cfg.num_attention_heads * cfg.head_size + 3 * cfg.hidden_size * cfg.intermediate_size)
+    per_block = 4 * (128 * cfg.hidden_size + 32 * cfg.intermediate_size) * tokens
+    if document_masking:
+        per_block += 4 * micro_batch * cfg.num_attention_heads * block_size ** 2
+    return 20 * params + cfg.num_hidden_layers * per_block + 16 * tokens * cfg.vocab_size

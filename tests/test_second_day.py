@@ -1,0 +1,221 @@
+"""What a user meets after the demo: resuming and extending a finished run, the precision the README's
+commands get, mixtures, a batch that does not fit, typos."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from accel_pretrain.checkpoint import list_checkpoints
+from accel_pretrain.errors import run_cli
+from tests.helpers import ROOT, TINY, train
+from tests.test_bad_input import one_line_error
+
+# TINY without its --mixed_precision, to see what a command that names none gets.
+TINY_ANY_PRECISION = TINY[:TINY.index("--mixed_precision")] + TINY[TINY.index("--mixed_precision") + 2:]
+
+
+def snapshot(run) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_resume_at_or_below_the_checkpoint_refuses_and_a_complete_run_says_so(tmp_path, trained_run, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = snapshot(run)
+    for steps in (4, 6):
+        assert train("--out", run, "--resume", "--max_steps", steps) == 2
+        one_line_error(capsys, f"--max_steps {steps} is at or below step 6 of {run / 'checkpoints' / 'step_0000006'}; "
+                               "nothing changed")
+    for resume in ("--resume", "--resume=auto"):
+        assert train("--out", run, resume) == 0
+        out = capsys.readouterr()
+        assert out.out.strip() == "run complete at step 6; raise --max_steps to extend it" and not out.err
+    assert snapshot(run) == before  # config.json, train_log.jsonl and checkpoints untouched
+
+
+def test_extending_a_finished_wsd_run_warns_and_names_the_checkpoint_before_its_decay(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    assert train("--data", data_dir, "--out", run, *TINY, "--lr_schedule", "wsd", "--max_steps", 10,
+                 "--save_interval", 3, "--keep_checkpoints", 5, "--eval_interval", 10) == 0
+    capsys.readouterr()
+    assert train("--out", run, "--resume", "--max_steps", 12) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: step_0000010 is inside this WSD run's decay (it began at step 8 of 10); extending to "
+            f"--max_steps 12 sends the lr from 1.65e-03 back up to 3.00e-03. To extend without the jump, restart the "
+            f"decay from --resume {run / 'checkpoints' / 'step_0000006'}, or continue at the decayed lr with "
+            f"--lr 0.0003") in err, err
+    lrs = [r["lr"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "lr" in r]
+    assert lrs[-2] == pytest.approx(3e-3)  # step 11: what the warning said
+    # From the checkpoint before the decay the extension is what README promises: constant longer, no warning.
+    assert train("--out", run, "--resume", run / "checkpoints" / "step_0000006", "--max_steps", 14) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_command_without_a_precision_gets_auto_and_says_why(tmp_path, data_dir, capsys):
+    from accel_pretrain.config import auto_precision
+
+    run = tmp_path / "run"
+    assert train("--data", data_dir, "--out", run, *TINY_ANY_PRECISION, "--max_steps", 1) == 0
+    chosen = auto_precision()
+    why = "auto: native bf16 on this CPU" if chosen == "bf16" else "auto: this CPU has no native bf16"
+    banner = {"bf16": "bf16 autocast", "no": "fp32"}[chosen]
+    assert f"| {banner} ({why}) |" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["mixed_precision"] == chosen
+    import yaml
+
+    for name in ("cpu.yaml", "cpu_ddp.yaml"):  # README's CPU launch configs leave the choice to train
+        assert "mixed_precision" not in yaml.safe_load((ROOT / "accelerate_configs" / name).read_text())
+
+
+@pytest.mark.parametrize("flag, launcher, expected", [
+    (None, None, None), (None, "no", None), (None, "bf16", ("bf16", "the launch config")),
+    (None, "fp16", ("fp16", "the launch config")), ("no", "bf16", ("no", "--mixed_precision")),
+    ("bf16", "no", ("bf16", "--mixed_precision")), ("auto", "fp16", None)])
+def test_precision_order_flag_then_launch_config_then_auto(monkeypatch, flag, launcher, expected):
+    from accel_pretrain.config import auto_precision, resolve_precision
+
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+    chosen, why = resolve_precision(flag)
+    if expected is None:  # auto: bf16 only where this CPU has it natively
+        assert chosen == auto_precision() and why.startswith("auto: ")
+    else:
+        assert (chosen, why) == expected
+
+
+def test_mixture_weights_are_normalised_shown_recorded_and_evaluate_reproduces_val_loss(tmp_path, data_dir, capsys):
+    from accel_pretrain import evaluate
+
+    other = tmp_path / "other"
+    shutil.copytree(data_dir, other)
+    run, spec = tmp_path / "run", f"{data_dir}:0.7,{other}:0.4"
+    assert train("--data", spec, "--out", run, *TINY, "--max_steps", 2, "--eval_interval", 2) == 0
+    assert (f"data mixture: {data_dir} 63.6%, {other} 36.4% (the weights given sum to 1.1; each is divided by that)"
+            in capsys.readouterr().out)
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"] == spec
+    assert config["data_mixture"] == {str(data_dir): pytest.approx(0.7 / 1.1), str(other): pytest.approx(0.4 / 1.1)}
+    val = [r for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "val_loss" in r][-1]
+    windows = config["eval_iters"] * config["micro_batch_size"]
+    assert run_cli(evaluate.main, [str(run), "--data", spec, "--max_windows", str(windows)]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(val["val_loss"], rel=1e-6)
+    help_text = subprocess.run([sys.executable, "-m", "accel_pretrain.evaluate", "--help"], capture_output=True,
+                               text=True, cwd=ROOT).stdout
+    assert "DIR:WEIGHT" in help_text and "reproduces train_log.jsonl's val_loss" in " ".join(help_text.split())
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--max_step", "5"], "unknown option --max_step; did you mean --max_steps?"),
+    (["--optimizer", "Muon"], "optimizer must be adamw or muon (got 'Muon'); did you mean muon?"),
+    (["--lr_schedule", "WSD"], "did you mean wsd?"),
+    (["--mixed_precision", "bf61"], "did you mean bf16?"),
+    (["--preset", "Mini"], "did you mean mini?"),
+    (["--activation_checkpoint"], "did you mean --activation_checkpointing?"),
+])
+def test_typos_get_the_closest_name(tmp_path, data_dir, capsys, args, expected):
+    assert train("--data", data_dir, "--out", tmp_path / "run", *TINY, *args) == 2
+    one_line_error(capsys, expected)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, data_dir, capsys, monkeypatch):
+    """The same check as on a machine with 64 MiB free: free_bytes is what changes."""
+    import accel_pretrain.train as train_module
+
+    monkeypatch.setattr(train_module, "free_bytes", lambda device: (64 << 20, "of RAM is available"))
+    run = tmp_path / "run"
+    assert train("--data", data_dir, "--out", run, *TINY, "--micro_batch_size", 512, "--max_steps", 2) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: a step of micro-batch 512 x 32 tokens needs about ") and "Traceback" not in err, err
+    assert ("but only 0.1 GiB of RAM is available; lower --micro_batch_size to " in err
+            and "to keep 16,384 tokens per step and process, or pass --activation_checkpointing" in err), err
+    assert not run.exists()
+    smaller = int(err.split("lower --micro_batch_size to ")[1].split()[0])
+    accumulate = int(err.split("--gradient_accumulation_steps to ")[1].split()[0])
+    assert smaller * accumulate == 512 and smaller < 512
+    assert train("--data", data_dir, "--out", run, *TINY, "--micro_batch_size", smaller,
+                 "--gradient_accumulation_steps", accumulate, "--max_steps", 1) == 0  # the advice fits
+
+
+def test_generous_bound_is_above_the_counted_peak():
+    """check_memory skips the count below generous_bound: it must never be under what the count gives."""
+    from accel_pretrain.config import PRESETS, ModelConfig, TrainConfig
+    from accel_pretrain.memory import generous_bound, step_memory
+
+    cases = [("tiny", 4, 32, "no", False, "adamw", 512), ("mini", 8, 256, "bf16", True, "muon", 50257),
+             ("qwen3-small", 2, 512, "bf16", True, "adamw", 151936), ("small", 2, 256, "fp16", False, "muon", 8192)]
+    for preset, mb, T, precision, masking, optimizer, vocab in cases:
+        cfg = TrainConfig(micro_batch_size=mb, block_size=T, document_masking=masking, optimizer=optimizer)
+        cfg.model = ModelConfig(**PRESETS[preset], vocab_size=vocab)
+        assert generous_bound(cfg.model, mb, T, masking) > 1.5 * step_memory(cfg, precision).total, preset
+
+
+def test_counted_peak_matches_torch_memtracker_and_checkpointing_lowers_it():
+    """Our counter against torch's own MemTracker on the same fake step (it is slower, so not used)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from accel_pretrain.config import PRESETS, ModelConfig, TrainConfig
+    from accel_pretrain.memory import step_memory
+    from accel_pretrain.model import Transformer
+    from accel_pretrain.optim import build_optimizer
+
+    cfg = TrainConfig(micro_batch_size=4, block_size=128)
+    cfg.model = ModelConfig(**PRESETS["mini"], vocab_size=4096)
+    with FakeTensorMode(), torch.device("cpu"):
+        model = Transformer(cfg.model)
+        optimizer = build_optimizer(model, cfg, fused=False)
+        x = torch.zeros(4, 129, dtype=torch.long)
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer)
+        with tracker:
+            for _ in range(2):
+                tracker.reset_mod_stats()
+                _, loss = model(x[:, :-1], x[:, 1:])  # as train holds them: the logits live through the backward
+                loss.backward()
+                del loss
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        reference = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    counted = step_memory(cfg, "no")
+    assert counted.total == reference
+    cfg.activation_checkpointing = True
+    assert step_memory(cfg, "no").activations < 0.8 * counted.activations
+
+
+OOM_RUNNER = textwrap.dedent("""
+    import resource, sys
+    from accel_pretrain.errors import run_cli
+    from accel_pretrain.train import main
+    vm = int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith("VmSize:"))) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), vm + (1 << 30)))  # 1 GiB more address space
+    sys.exit(run_cli(main, sys.argv[1:]))
+""")
+
+
+def test_a_real_out_of_memory_is_one_line_and_leaves_nothing_that_blocks_the_next_try(tmp_path, data_dir):
+    """The CPU allocator really fails (the process may map only 1 GiB more), after the up-front
+    check has passed (it reads the machine's free RAM, not this limit)."""
+    run = tmp_path / "run"
+    args = ["--data", data_dir, "--out", run, *TINY, "--max_steps", 2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    failed = subprocess.run([sys.executable, "-c", OOM_RUNNER, *map(str, args), "--micro_batch_size", "2048"],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    lines = failed.stderr.strip().splitlines()
+    assert failed.returncode == 2 and len(lines) == 1, failed.stderr
+    assert lines[0].startswith("error: out of memory: a step of micro-batch 2048 x 32 tokens tried to allocate ")
+    assert "GiB more; lower --micro_batch_size to 1024 and raise --gradient_accumulation_steps to 2" in lines[0]
+    assert not list_checkpoints(run)
+    again = subprocess.run([sys.executable, "-c", OOM_RUNNER, *map(str, args)], capture_output=True, text=True,
+                           cwd=ROOT, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr  # the same --out, no --overwrite needed
+    assert list_checkpoints(run)
