@@ -9,7 +9,6 @@ clip_grad_norm_ -> AdamW + schedule -> eval / checkpoint / train_log.jsonl."""
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import math
 import os
@@ -38,7 +37,7 @@ from .evaluate import metrics, score
 from .memory import GIB, free_bytes, generous_bound, largest_micro_batch, step_memory
 from .model import Transformer, document_mask
 from .optim import apply_config_to_schedule, build_optimizer, build_scheduler, lr_at, wsd_decay_start
-from .tracking import RunLog, peak_flops, trackers_for
+from .tracking import RunLog, peak_flops, read_log, trackers_for
 
 # Peak resident memory over the tensors counted by memory.step_memory: glibc's heap and the CPU
 # kernels' own buffers (1.27x and 1.24x measured for `mini` at micro-batch 100 and 200 x 256, fp32).
@@ -73,8 +72,8 @@ class SpikeWatch:
 
     WINDOW, MIN_GAP, MADS = 20, 0.5, 6.0
 
-    def __init__(self) -> None:
-        self.recent: list[float] = []
+    def __init__(self, history: list[float]) -> None:
+        self.recent = history[-self.WINDOW:]
         self.armed = True
 
     def check(self, loss: float) -> float | None:
@@ -151,15 +150,7 @@ def prepare_run_dir(cfg: TrainConfig) -> Path | None:
 def steps_logged(run: Path) -> bool:
     """Whether RUN/train_log.jsonl records a finished optimizer step (step 1 is always logged)."""
     path = run / "train_log.jsonl"
-    if not path.is_file():
-        return False
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            if "loss" in json.loads(line):
-                return True
-        except (json.JSONDecodeError, TypeError):
-            continue
-    return False
+    return path.is_file() and any("loss" in r for r in read_log(path) if isinstance(r, dict))
 
 
 def check_steps(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> bool:
@@ -448,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             raise_nonfinite(log, first, bad_norm, list_checkpoints(run))
 
     fp16_skips = 0
-    spikes = SpikeWatch()
+    spikes = SpikeWatch([r["loss"] for r in read_log(log.path) if "loss" in r]  # a resume keeps the run's history
+                        if ckpt and accelerator.is_main_process else [])
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
                disable=None if accelerator.is_local_main_process else True)
     t_start = t_last = time.perf_counter()

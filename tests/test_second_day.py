@@ -219,3 +219,61 @@ def test_a_real_out_of_memory_is_one_line_and_leaves_nothing_that_blocks_the_nex
                            cwd=ROOT, env=env, timeout=300)
     assert again.returncode == 0, again.stderr  # the same --out, no --overwrite needed
     assert list_checkpoints(run)
+
+
+def test_activation_checkpointing_gives_the_plain_gradients_and_run(tmp_path, data_dir):
+    """Recomputing each block in the backward changes memory, not arithmetic: fp32 gradients are
+    bit-identical, bf16 ones equal to rounding, and a run (resumed half-way) ends on the plain run's weights."""
+    from accel_pretrain.config import PRESETS, ModelConfig
+    from accel_pretrain.model import Transformer
+    from tests.helpers import weights
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**PRESETS["tiny"], vocab_size=512))
+    x = torch.randint(0, 512, (2, 33))
+    grads = {}
+    for precision in ("no", "bf16"):
+        for checkpointing in (False, True):
+            model.zero_grad(set_to_none=True)
+            model.checkpoint_blocks = checkpointing
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                model(x[:, :-1], x[:, 1:])[1].backward()
+            grads[precision, checkpointing] = [p.grad.clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(grads["no", False], grads["no", True]))
+    assert all(torch.allclose(a, b, rtol=2e-2, atol=1e-5) for a, b in zip(grads["bf16", False], grads["bf16", True]))
+
+    plain, recomputed = tmp_path / "plain", tmp_path / "recomputed"
+    assert train("--data", data_dir, "--out", plain, *TINY, "--max_steps", 4, "--save_interval", 4) == 0
+    assert train("--data", data_dir, "--out", recomputed, *TINY, "--max_steps", 2, "--save_interval", 2,
+                 "--activation_checkpointing") == 0
+    assert train("--out", recomputed, "--resume", "--max_steps", 4) == 0
+    a, b = weights(list_checkpoints(plain)[-1]), weights(list_checkpoints(recomputed)[-1])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((recomputed / "config.json").read_text())["activation_checkpointing"] is True
+
+
+def test_spike_watch_flags_a_jump_once_and_not_the_noise():
+    from accel_pretrain.train import SpikeWatch
+
+    rng = torch.Generator().manual_seed(0)
+    falling = [6.0 * 0.97 ** i + 0.1 * float(torch.randn((), generator=rng)) for i in range(200)]
+    watch = SpikeWatch([])
+    assert [watch.check(x) for x in falling] == [None] * 200  # a noisy falling curve: nothing
+    watch = SpikeWatch([3.0, 3.1, 2.9] * 4)
+    assert watch.check(3.2) is None
+    assert watch.check(4.5) == pytest.approx(3.0)  # half a nat and six deviations above the median
+    assert watch.check(4.6) is None  # the same spike is reported once
+    assert watch.check(3.0) is None and watch.check(float("nan")) is not None  # re-armed once back down
+
+
+def test_a_spike_after_resuming_with_a_far_higher_lr_is_logged_and_named(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    assert train("--data", data_dir, "--out", run, *TINY, "--max_steps", 20, "--save_interval", 20,
+                 "--eval_interval", 20) == 0
+    events = lambda: [r.get("event") for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines())]
+    assert "spike" not in events() and "warning" not in capsys.readouterr().err  # an ordinary run: no false alarm
+    assert train("--out", run, "--resume", "--max_steps", 24, "--lr", 3.0, "--min_lr", 3.0, "--grad_clip", 0) == 0
+    err = capsys.readouterr().err
+    assert "warning: loss spike at step 22: " in err and "over the last 20 logged steps" in err, err
+    assert f"resume from {run / 'checkpoints' / 'step_0000020'} with a lower --lr" in err
+    assert events().count("spike") == 1
