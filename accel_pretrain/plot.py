@@ -1,5 +1,6 @@
 """CLI: train_log.jsonl -> PNG of training and validation loss against tokens seen, with the
-learning rate below; one colour per run, so runs can be compared.
+gradient norm and the learning rate below (where a run diverges shows in all three: spikes and
+non-finite steps are marked); one colour per run, so runs can be compared.
 
     python -m accel_pretrain.plot RUN [RUN ...] [--out loss.png]"""
 from __future__ import annotations
@@ -18,7 +19,7 @@ def plot(runs: list[str], out: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, height_ratios=(3, 1))
+    fig, (ax_loss, ax_norm, ax_lr) = plt.subplots(3, 1, figsize=(9, 8), sharex=True, height_ratios=(3, 1.2, 1))
     for i, run in enumerate(runs):
         path = Path(run) / "train_log.jsonl"
         if not path.is_file():
@@ -33,20 +34,33 @@ def plot(runs: list[str], out: str) -> Path:
                      label=f"{name} train")
         ax_loss.plot([r["step"] * tokens_per_step for r in evals], [r["val_loss"] for r in evals], "o-",
                      color=color, lw=2, ms=4, label=f"{name} validation")
+        ax_norm.plot([r["tokens"] for r in train], [r["grad_norm"] for r in train], color=color, lw=1)
         ax_lr.plot([r["tokens"] for r in train], [r["lr"] for r in train], color=color)
+        for event, marker in (("spike", "v"), ("nonfinite", "x")):
+            steps = [r["step"] for r in log if r.get("event") == event]
+            at = [next((t for t in train if t["step"] == s), None) for s in steps]
+            ax_loss.plot([s * tokens_per_step for s in steps], [t["loss"] if t else ax_loss.get_ylim()[1] for t in at],
+                         marker, color="red", ms=9, ls="none", label=f"{name} {event}" if steps else None)
     ax_loss.set_ylabel("cross-entropy (nats)")
     ax_loss.set_xscale("log")
     ax_loss.grid(True, which="both", alpha=0.3)
     ax_loss.legend()
     ax_loss.set_title("accel-pretrain: loss against tokens seen")
+    ax_norm.set_ylabel("gradient norm")
+    ax_norm.set_yscale("log")
+    ax_norm.grid(True, which="both", alpha=0.3)
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("tokens seen (log scale)")
     ax_lr.grid(True, alpha=0.3)
     fig.tight_layout()
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_path, dpi=110)
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror or e})") from None
+    finally:
+        plt.close(fig)
     return out_path
 
 

@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                     record["skipped_step"] = accelerator.optimizer_step_was_skipped
                 log.write(record)
                 if (spike := spikes.check(record["loss"])) and accelerator.is_main_process:
-                    log.write({"event": "spike", "step": done, "loss": record["loss"], "median": spike})
+                    log.write({"event": "spike", "step": done, "median": spike})  # the step's own line has the loss
                     last = list_checkpoints(run)
                     bar.write(f"warning: loss spike at step {done}: {record['loss']:.3f} against a median of "
                               f"{spike:.3f} over the last {len(spikes.recent)} logged steps; if it does not come back "

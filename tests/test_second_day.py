@@ -277,3 +277,30 @@ def test_a_spike_after_resuming_with_a_far_higher_lr_is_logged_and_named(tmp_pat
     assert "warning: loss spike at step 22: " in err and "over the last 20 logged steps" in err, err
     assert f"resume from {run / 'checkpoints' / 'step_0000020'} with a lower --lr" in err
     assert events().count("spike") == 1
+
+
+def test_every_train_flag_in_readme_exists():
+    """README's commands (the divergence recipe included) must run as written: every --flag after
+    `accel_pretrain.train` on a README line is a field of train."""
+    import re
+
+    from accel_pretrain.config import MODEL_FIELDS, TRAIN_FIELDS
+
+    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    flags = {f for line in text.splitlines() if "accel_pretrain.train" in line
+             for f in re.findall(r"(?<![\w-])--(\w+)", line.split("accel_pretrain.train", 1)[1])}
+    assert {"resume", "lr", "grad_clip", "gradient_accumulation_steps", "preset"} <= flags
+    assert flags - set(TRAIN_FIELDS) - set(MODEL_FIELDS) - {"config", "help"} == set()
+
+
+def test_plot_marks_divergence_and_refuses_an_unwritable_path_in_one_line(tmp_path, trained_run, capsys):
+    from accel_pretrain import plot
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    with open(run / "train_log.jsonl", "a") as f:
+        f.write(json.dumps({"event": "spike", "step": 6, "median": 3.0}) + "\n")
+    assert run_cli(plot.main, [str(run), "--out", str(tmp_path / "loss.png")]) == 0
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
+    assert run_cli(plot.main, [str(run), "--out", "/proc/no/loss.png"]) == 2
+    one_line_error(capsys, "cannot write /proc/no/loss.png")
