@@ -304,3 +304,20 @@ def test_plot_marks_divergence_and_refuses_an_unwritable_path_in_one_line(tmp_pa
     assert (tmp_path / "loss.png").stat().st_size > 10_000
     assert run_cli(plot.main, [str(run), "--out", "/proc/no/loss.png"]) == 2
     one_line_error(capsys, "cannot write /proc/no/loss.png")
+
+
+def test_a_cuda_out_of_memory_error_becomes_the_same_one_line():
+    """torch.OutOfMemoryError as the CUDA caching allocator words it (no GPU here to make one)."""
+    from accel_pretrain.config import TrainConfig
+    from accel_pretrain.errors import UserError
+    from accel_pretrain.train import out_of_memory_as_user_error
+
+    cfg = TrainConfig(micro_batch_size=16, block_size=1024, gradient_accumulation_steps=4)
+    with pytest.raises(UserError) as e, out_of_memory_as_user_error(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.05 GiB. GPU 0 has a total capacity of "
+                                     "79.19 GiB of which 1.23 GiB is free. Including non-PyTorch memory ...")
+    assert str(e.value) == ("out of memory: a step of micro-batch 16 x 1024 tokens tried to allocate 3.05 GiB more; "
+                            "lower --micro_batch_size to 8 and raise --gradient_accumulation_steps to 8 to keep 65,536 "
+                            "tokens per step and process, or pass --activation_checkpointing")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"), out_of_memory_as_user_error(cfg):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")  # any other error stays a bug's traceback
