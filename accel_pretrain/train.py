@@ -21,9 +21,9 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NoReturn
+from typing import Any, Iterator, NamedTuple, NoReturn
 
 import torch
 
@@ -327,18 +327,117 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__ + "\n" + help_text())
         return 0
+    run = setup(argv)
+    if run is None:  # nothing left to do: the run is complete
+        return 0
+    done = run.start_step
+    run.model.train()
+    with StopRequest() as stop, out_of_memory_as_user_error(run.cfg):
+        for step in range(run.start_step, run.cfg.max_steps):
+            batch = get_batch(run, step)
+            result = optimizer_step(run, batch, step)
+            done = step + 1
+            stopping = _agree(run.accelerator, stop.requested)
+            periodic_actions(run, result, done, stopping)
+            if stopping:
+                run.accelerator.print(f"\nstopped by signal at step {done}; checkpoint saved, continue with --resume")
+                break
+    finish(run, done)
+    return 0
+
+
+@dataclass
+class Run:
+    """What the loop carries from one step to the next."""
+
+    cfg: TrainConfig
+    data: TokenData
+    accelerator: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    log: RunLog
+    bar: Any
+    state: dict[str, Any]  # the checkpoint's train state when resuming, else {}
+    tokens_per_step: int
+    flops_per_token: float
+    peak_flops: float | None  # per device, for MFU (None: unknown)
+    eos: int | None  # documents end at EOS when --document_masking
+    spikes: SpikeWatch
+    tokens_seen: int = 0
+    t_start: float = field(default_factory=time.perf_counter)
+    t_last: float = field(default_factory=time.perf_counter)
+    tokens_last: int = 0
+    fp16_skips: int = 0
+    # The first optimizer step whose gradient norm was not finite (0: none), kept on the device and
+    # read only where the loop syncs anyway (log, eval, save): no host sync per step on a GPU.
+    bad_step: torch.Tensor | None = None
+    bad_norm: torch.Tensor | None = None
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def start_step(self) -> int:
+        return self.state.get("step", 0)
+
+    def elapsed(self) -> float:
+        return self.state.get("elapsed_s", 0.0) + time.perf_counter() - self.t_start
+
+
+class StepResult(NamedTuple):
+    loss_sum: torch.Tensor  # summed over the micro-batches, on the device
+    grad_norm: torch.Tensor
+    lr: float
+
+
+def setup(argv: list[str]) -> Run | None:
+    """Config, data, run directory, model, optimizer and log, checked in the order that writes
+    nothing before every check has passed; None when a resumed run is already complete."""
     cfg, data, precision_why = configure(argv)
     ckpt = prepare_run_dir(cfg)
     if ckpt and not check_steps(cfg, ckpt, read_state(ckpt)):
-        return 0
+        return None
     check_trackers(cfg.report_to)
+    accelerator = start_accelerator(cfg)
+    model = build_model(cfg, data)
+    model.checkpoint_blocks = cfg.activation_checkpointing
+    data.check_ids_below(cfg.model.vocab_size)
+    state: dict[str, Any] = check_resume(ckpt, cfg, data) if ckpt else {}
+    check_memory(cfg, model, accelerator)
+    write_run_dir(cfg, data, accelerator, fresh=not ckpt)
 
+    optimizer = build_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
+    scheduler = build_scheduler(optimizer, cfg)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if ckpt:
+        try:
+            accelerator.load_state(str(ckpt))  # safetensors + torch.load(weights_only=True): no code runs
+        except (pickle.UnpicklingError, RuntimeError, OSError) as e:
+            raise UserError(f"cannot load checkpoint {ckpt} safely ({str(e).splitlines()[0][:200]}); "
+                            "resume from another checkpoint") from None
+        apply_config_to_schedule(scheduler, cfg)
+    run = Run(cfg=cfg, data=data, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+              log=RunLog(Path(cfg.out) / "train_log.jsonl", accelerator.is_main_process), bar=None, state=state,
+              tokens_per_step=cfg.micro_batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+              * accelerator.num_processes,
+              flops_per_token=accelerator.unwrap_model(model).flops_per_token(cfg.block_size),
+              peak_flops=peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_flops),
+              eos=data.meta.get("eos_token_id") if cfg.document_masking else None, spikes=SpikeWatch([]),
+              tokens_seen=state.get("tokens_seen", 0), tokens_last=state.get("tokens_seen", 0),
+              bad_step=torch.zeros((), dtype=torch.long, device=accelerator.device),
+              bad_norm=torch.zeros((), device=accelerator.device))
+    open_log(run, ckpt, precision_why)
+    return run
+
+
+def start_accelerator(cfg: TrainConfig):  # noqa: ANN201 (accelerate is imported here, not at module load)
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available():
         raise UserError("the launch config asks for FSDP, which Accelerate runs only on GPUs (on CPU it fails, or "
                         "trains unsharded without a word); use cpu_ddp.yaml on a CPU")
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
@@ -353,15 +452,15 @@ def main(argv: list[str] | None = None) -> int:
         dynamo_backend="inductor" if cfg.compile else None,
     )
     set_seed(cfg.seed)
-    run = Path(cfg.out)
-    model = build_model(cfg, data)
-    model.checkpoint_blocks = cfg.activation_checkpointing
-    data.check_ids_below(cfg.model.vocab_size)
-    state: dict[str, Any] = check_resume(ckpt, cfg, data) if ckpt else {}
-    check_memory(cfg, model, accelerator)
+    return accelerator
 
+
+def write_run_dir(cfg: TrainConfig, data: TokenData, accelerator, fresh: bool) -> None:
+    """The main process clears a run being overwritten, drops half-written checkpoints, and writes
+    config.json and the tokenizer; the others wait for it."""
+    run = Path(cfg.out)
     if accelerator.is_main_process:
-        if cfg.overwrite and not ckpt:
+        if cfg.overwrite and fresh:
             for name in RUN_FILES:
                 shutil.rmtree(run / name, ignore_errors=True) if (run / name).is_dir() else (run / name).unlink(missing_ok=True)
         run.mkdir(parents=True, exist_ok=True)
@@ -372,158 +471,159 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(data.dir / "tokenizer", run / "tokenizer")
     accelerator.wait_for_everyone()
 
-    device_type = accelerator.device.type
-    optimizer = build_optimizer(model, cfg, fused=device_type == "cuda")
-    scheduler = build_scheduler(optimizer, cfg)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if ckpt:
-        try:
-            accelerator.load_state(str(ckpt))  # safetensors + torch.load(weights_only=True): no code runs
-        except (pickle.UnpicklingError, RuntimeError, OSError) as e:
-            raise UserError(f"cannot load checkpoint {ckpt} safely ({str(e).splitlines()[0][:200]}); "
-                            "resume from another checkpoint") from None
-        apply_config_to_schedule(scheduler, cfg)
-    start_step = state.get("step", 0)
-    tokens_seen = state.get("tokens_seen", 0)
-    elapsed_before = state.get("elapsed_s", 0.0)
 
-    world, rank = accelerator.num_processes, accelerator.process_index
-    eos = data.meta.get("eos_token_id") if cfg.document_masking else None  # documents end at EOS
+def open_log(run: Run, ckpt: Path | None, precision_why: str) -> None:
+    """train_log.jsonl's header (after dropping lines a resume redoes), trackers, the banner, the bar."""
+    from tqdm.auto import tqdm
+
+    cfg, accelerator, data = run.cfg, run.accelerator, run.data
+    world, mixed = accelerator.num_processes, accelerator.mixed_precision
     mb, ga, T = cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.block_size
-    tokens_per_step = mb * T * ga * world
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
-    flops_per_token = accelerator.unwrap_model(model).flops_per_token(T)
-    mixed = accelerator.mixed_precision
-    peak = peak_flops(accelerator.device, mixed, cfg.peak_flops)
-    log = RunLog(run / "train_log.jsonl", accelerator.is_main_process)
+    n_params = sum(p.numel() for p in accelerator.unwrap_model(run.model).parameters())
     if ckpt:
-        log.truncate_after(start_step)
-    header = {"event": "resume" if ckpt else "run", "step": start_step, "world_size": world,
-              "mixed_precision": mixed, "parameters": n_params, "tokens_per_step": tokens_per_step,
-              "device": str(accelerator.device), "version": __version__, "config": cfg.to_dict() | data_mixture(data)}
-    log.write(header)
+        run.log.truncate_after(run.start_step)
+        if accelerator.is_main_process:  # a resume keeps the run's recent losses for the spike watch
+            run.spikes = SpikeWatch([r["loss"] for r in read_log(run.log.path) if "loss" in r])
+    run.log.write({"event": "resume" if ckpt else "run", "step": run.start_step, "world_size": world,
+                   "mixed_precision": mixed, "parameters": n_params, "tokens_per_step": run.tokens_per_step,
+                   "device": str(accelerator.device), "version": __version__,
+                   "config": cfg.to_dict() | data_mixture(data)})
     if cfg.report_to != "none":
         accelerator.init_trackers(cfg.project_name, config={k: v for k, v in cfg.to_dict().items() if k != "model"}
                                   | {f"model.{k}": v for k, v in cfg.to_dict()["model"].items()})
-    if ckpt and (changed := changes(flatten(state.get("config", {})), cfg)):
+    if ckpt and (changed := changes(flatten(run.state.get("config", {})), cfg)):
         accelerator.print("resuming with " + ", ".join(changed))
     if len(data.sources) > 1:
         accelerator.print(mixture_line(data))
     accelerator.print(f"{n_params / 1e6:.2f}M parameters | world size {world} | {PRECISION.get(mixed, mixed)} "
                       f"({precision_why}) | "
-                      f"{tokens_per_step:,} tokens per step ({mb} x {T} x {ga} accumulation x {world} processes)"
+                      f"{run.tokens_per_step:,} tokens per step ({mb} x {T} x {ga} accumulation x {world} processes)"
                       + (f" | resuming from {ckpt}" if ckpt else ""))
+    run.bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc="train", dynamic_ncols=True,
+                   disable=None if accelerator.is_local_main_process else True)
+    run.t_start = run.t_last = time.perf_counter()
 
-    def train_state(step: int) -> dict[str, Any]:
-        return {"step": step, "tokens_seen": tokens_seen, "data_fingerprint": data.fingerprint(),
-                "tokenizer_sha256": data.tokenizer_sha256,
-                "data_dir": str(data.dir), "model_config": cfg.to_dict()["model"], "world_size": world,
-                "elapsed_s": elapsed_before + time.perf_counter() - t_start, "config": cfg.to_dict()}
 
-    def evaluate(step: int) -> dict[str, float]:
-        loss_sum, count = score(model, data.valid, T, mb, cfg.eval_iters * mb, accelerator.device, rank, world, eos)
-        m = metrics(accelerator.reduce(loss_sum, "sum").item(), accelerator.reduce(count, "sum").item(),
-                    data.bytes_per_token)
-        record = {"step": step, "val_loss": m["loss"], "val_ppl": m["perplexity"], "val_bpb": m.get("bits_per_byte")}
-        log.write(record)
-        accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
-        return m
+def get_batch(run: Run, step: int) -> torch.Tensor:
+    """This step's windows for this rank (a pure function of seed, step and rank), on the device."""
+    cfg = run.cfg
+    windows = step_windows(run.data.train, cfg.micro_batch_size * cfg.gradient_accumulation_steps, cfg.block_size,
+                           cfg.seed, step, run.accelerator.process_index)
+    return host_to_device(windows, run.accelerator.device)
 
-    # The first optimizer step whose gradient norm was not finite (0: none), kept on the device and
-    # read only where the loop syncs anyway (log, eval, save): no host sync per step on a GPU.
-    bad_step = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    bad_norm = torch.zeros((), device=accelerator.device)
 
-    def check_finite() -> None:
-        if first := int(bad_step):
-            raise_nonfinite(log, first, bad_norm, list_checkpoints(run))
+def optimizer_step(run: Run, batch: torch.Tensor, step: int) -> StepResult:
+    """model(x) -> cross_entropy -> backward for each micro-batch under accumulate(), then
+    clip_grad_norm_ -> optimizer -> schedule once the gradients are synchronised."""
+    accelerator, model, mb = run.accelerator, run.model, run.cfg.micro_batch_size
+    loss_sum = torch.zeros((), device=accelerator.device)
+    lr = run.optimizer.param_groups[0]["lr"]
+    for micro in range(run.cfg.gradient_accumulation_steps):
+        xy = batch[micro * mb:(micro + 1) * mb]
+        x, y = xy[:, :-1], xy[:, 1:]
+        with accelerator.accumulate(model):
+            _, loss = model(x, y, document_mask(x, run.eos))
+            accelerator.backward(loss)
+            loss_sum += loss.detach()
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.cfg.grad_clip or math.inf)
+                if accelerator.mixed_precision != "fp16":  # under fp16 the scaler skips such steps itself
+                    new_bad = (run.bad_step == 0) & ~torch.isfinite(grad_norm)
+                    run.bad_step = torch.where(new_bad, step + 1, run.bad_step)
+                    run.bad_norm = torch.where(new_bad, grad_norm.float(), run.bad_norm)
+                run.optimizer.step()
+                run.scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+    if accelerator.mixed_precision == "fp16":
+        run.fp16_skips = run.fp16_skips + 1 if accelerator.optimizer_step_was_skipped else 0
+        if run.fp16_skips > 25:
+            raise_nonfinite(run.log, step + 1, grad_norm, list_checkpoints(run.dir))
+    run.tokens_seen += run.tokens_per_step
+    run.bar.update(1)
+    return StepResult(loss_sum, grad_norm, lr)
 
-    fp16_skips = 0
-    spikes = SpikeWatch([r["loss"] for r in read_log(log.path) if "loss" in r]  # a resume keeps the run's history
-                        if ckpt and accelerator.is_main_process else [])
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
-               disable=None if accelerator.is_local_main_process else True)
-    t_start = t_last = time.perf_counter()
-    tokens_last = tokens_seen
-    done = start_step
-    model.train()
-    with StopRequest() as stop, out_of_memory_as_user_error(cfg):
-        for step in range(start_step, cfg.max_steps):
-            # get_batch: this step's windows for this rank, split into micro-batches below.
-            batch = host_to_device(step_windows(data.train, mb * ga, T, cfg.seed, step, rank), accelerator.device)
-            loss_sum = torch.zeros((), device=accelerator.device)
-            lr = optimizer.param_groups[0]["lr"]
-            for micro in range(ga):
-                xy = batch[micro * mb:(micro + 1) * mb]
-                x, y = xy[:, :-1], xy[:, 1:]
-                with accelerator.accumulate(model):
-                    _, loss = model(x, y, document_mask(x, eos))
-                    accelerator.backward(loss)
-                    loss_sum += loss.detach()
-                    if accelerator.sync_gradients:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-                        if mixed != "fp16":  # under fp16 the scaler skips such steps itself
-                            new_bad = (bad_step == 0) & ~torch.isfinite(grad_norm)
-                            bad_step = torch.where(new_bad, step + 1, bad_step)
-                            bad_norm = torch.where(new_bad, grad_norm.float(), bad_norm)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-            if mixed == "fp16":
-                fp16_skips = fp16_skips + 1 if accelerator.optimizer_step_was_skipped else 0
-                if fp16_skips > 25:
-                    raise_nonfinite(log, step + 1, grad_norm, list_checkpoints(run))
-            tokens_seen += tokens_per_step
-            done = step + 1
-            bar.update(1)
 
-            stopping = _agree(accelerator, stop.requested)
-            logging = done % cfg.log_interval == 0 or done == 1 or done == cfg.max_steps
-            evaluating = done % cfg.eval_interval == 0 or done == cfg.max_steps
-            saving = done % cfg.save_interval == 0 or done == cfg.max_steps or stopping
-            if logging or evaluating or saving:
-                check_finite()
-            if logging:
-                now = time.perf_counter()
-                tps = (tokens_seen - tokens_last) / max(now - t_last, 1e-9)
-                t_last, tokens_last = now, tokens_seen
-                record = {"step": done, "tokens": tokens_seen,
-                          "loss": accelerator.reduce(loss_sum / ga, "mean").item(), "lr": lr,
-                          "grad_norm": grad_norm.item(), "tokens_per_s": tps,
-                          "mfu": flops_per_token * tps / world / peak if peak else None,
-                          "elapsed_s": elapsed_before + now - t_start}
-                if mixed == "fp16":
-                    record["skipped_step"] = accelerator.optimizer_step_was_skipped
-                log.write(record)
-                if (spike := spikes.check(record["loss"])) and accelerator.is_main_process:
-                    log.write({"event": "spike", "step": done, "median": spike})  # the step's own line has the loss
-                    last = list_checkpoints(run)
-                    bar.write(f"warning: loss spike at step {done}: {record['loss']:.3f} against a median of "
-                              f"{spike:.3f} over the last {len(spikes.recent)} logged steps; if it does not come back "
-                              f"down, resume from {last[-1] if last else 'the start'} with a lower --lr (README: "
-                              "\"When a run diverges\")", file=sys.stderr)
-                accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=done)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", refresh=False)
-                if bar.disable and accelerator.is_main_process:  # not a terminal (make, CI, SLURM): a plain line
-                    eta = (cfg.max_steps - done) * tokens_per_step / max(tps, 1e-9)
-                    print(f"step {done}/{cfg.max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | {tps:,.0f} tok/s | "
-                          f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
-            if evaluating:
-                m = evaluate(done)
-                if accelerator.is_main_process:
-                    bar.write(f"step {done}: val_loss {m['loss']:.4f}, ppl {m['perplexity']:.2f}")
-            if saving:
-                save_checkpoint(accelerator, run, done, train_state(done), cfg.keep_checkpoints)
-            if stopping:
-                accelerator.print(f"\nstopped by signal at step {done}; checkpoint saved, continue with --resume")
-                break
-    bar.close()
-    # Replicas must agree after training: a gathered checksum per rank makes that checkable.
-    sums = accelerator.gather(torch.tensor([param_checksum(model)], device=accelerator.device, dtype=torch.float64))
-    log.write({"event": "end", "step": done, "param_checksums": sums.tolist()})
+def periodic_actions(run: Run, result: StepResult, done: int, stopping: bool) -> None:
+    """Log, evaluate and save when their interval (or the last step, or a stop) comes; a
+    non-finite step recorded on the device stops the run before any of them writes."""
+    cfg = run.cfg
+    logging = done % cfg.log_interval == 0 or done == 1 or done == cfg.max_steps
+    evaluating = done % cfg.eval_interval == 0 or done == cfg.max_steps
+    saving = done % cfg.save_interval == 0 or done == cfg.max_steps or stopping
+    if (logging or evaluating or saving) and (first := int(run.bad_step)):
+        raise_nonfinite(run.log, first, run.bad_norm, list_checkpoints(run.dir))
+    if logging:
+        log_step(run, result, done)
+    if evaluating:
+        m = evaluate_step(run, done)
+        if run.accelerator.is_main_process:
+            run.bar.write(f"step {done}: val_loss {m['loss']:.4f}, ppl {m['perplexity']:.2f}")
+    if saving:
+        save_checkpoint(run.accelerator, run.dir, done, train_state(run, done), cfg.keep_checkpoints)
+
+
+def log_step(run: Run, result: StepResult, done: int) -> None:
+    """One train_log.jsonl line (and tracker record), the bar or a plain line, and the spike watch."""
+    cfg, accelerator = run.cfg, run.accelerator
+    now = time.perf_counter()
+    tps = (run.tokens_seen - run.tokens_last) / max(now - run.t_last, 1e-9)
+    run.t_last, run.tokens_last = now, run.tokens_seen
+    peak = run.peak_flops
+    record = {"step": done, "tokens": run.tokens_seen,
+              "loss": accelerator.reduce(result.loss_sum / cfg.gradient_accumulation_steps, "mean").item(),
+              "lr": result.lr, "grad_norm": result.grad_norm.item(), "tokens_per_s": tps,
+              "mfu": run.flops_per_token * tps / accelerator.num_processes / peak if peak else None,
+              "elapsed_s": run.state.get("elapsed_s", 0.0) + now - run.t_start}
+    if accelerator.mixed_precision == "fp16":
+        record["skipped_step"] = accelerator.optimizer_step_was_skipped
+    run.log.write(record)
+    if (spike := run.spikes.check(record["loss"])) and accelerator.is_main_process:
+        run.log.write({"event": "spike", "step": done, "median": spike})  # the step's own line has the loss
+        last = list_checkpoints(run.dir)
+        run.bar.write(f"warning: loss spike at step {done}: {record['loss']:.3f} against a median of {spike:.3f} over "
+                      f"the last {len(run.spikes.recent)} logged steps; if it does not come back down, resume from "
+                      f"{last[-1] if last else 'the start'} with a lower --lr (README: \"When a run diverges\")",
+                      file=sys.stderr)
+    accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=done)
+    run.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{result.lr:.2e}", refresh=False)
+    if run.bar.disable and accelerator.is_main_process:  # not a terminal (make, CI, SLURM): a plain line
+        eta = (cfg.max_steps - done) * run.tokens_per_step / max(tps, 1e-9)
+        print(f"step {done}/{cfg.max_steps} | loss {record['loss']:.4f} | lr {result.lr:.2e} | {tps:,.0f} tok/s | "
+              f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
+
+
+def evaluate_step(run: Run, done: int) -> dict[str, float]:
+    """Validation loss on the fixed windows, each rank scoring its share."""
+    cfg, accelerator = run.cfg, run.accelerator
+    mb = cfg.micro_batch_size
+    loss_sum, count = score(run.model, run.data.valid, cfg.block_size, mb, cfg.eval_iters * mb, accelerator.device,
+                            accelerator.process_index, accelerator.num_processes, run.eos)
+    m = metrics(accelerator.reduce(loss_sum, "sum").item(), accelerator.reduce(count, "sum").item(),
+                run.data.bytes_per_token)
+    record = {"step": done, "val_loss": m["loss"], "val_ppl": m["perplexity"], "val_bpb": m.get("bits_per_byte")}
+    run.log.write(record)
+    accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=done)
+    return m
+
+
+def train_state(run: Run, step: int) -> dict[str, Any]:
+    """Our part of a checkpoint: where the run is and what it was trained on."""
+    cfg, data = run.cfg, run.data
+    return {"step": step, "tokens_seen": run.tokens_seen, "data_fingerprint": data.fingerprint(),
+            "tokenizer_sha256": data.tokenizer_sha256,
+            "data_dir": str(data.dir), "model_config": cfg.to_dict()["model"],
+            "world_size": run.accelerator.num_processes, "elapsed_s": run.elapsed(), "config": cfg.to_dict()}
+
+
+def finish(run: Run, done: int) -> None:
+    """Replicas must agree after training: a gathered checksum per rank makes that checkable."""
+    accelerator = run.accelerator
+    run.bar.close()
+    sums = accelerator.gather(torch.tensor([param_checksum(run.model)], device=accelerator.device,
+                                           dtype=torch.float64))
+    run.log.write({"event": "end", "step": done, "param_checksums": sums.tolist()})
     accelerator.wait_for_everyone()  # no rank tears down the process group while another still uses it
     accelerator.end_training()
-    return 0
 
 
 def _agree(accelerator, flag: bool) -> bool:
