@@ -101,10 +101,12 @@ def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
     With its defaults (blocks over 128 KiB mapped afresh, the threshold raised only to the largest
     block freed so far and never past 32 MiB, the heap top trimmed beyond twice that), a CPU step's
-    tensors are page-faulted in again and again: 900 to 2,400 page faults per RMSNorm forward and
-    backward of (8, 256, 384), and the logits of 2,048 tokens x 8,192 ids (64 MiB) cost a log_softmax
-    4x its arithmetic. After this call both come from the heap, none of it faulted in again
-    (tests/test_train.py): 5% of an fp32 step, 10% of a bf16 one. PyTorch's CPU tuning guide preloads
+    tensors are page-faulted in again and again: the logits of 2,048 tokens x 8,192 ids (64 MiB) and
+    their gradient on every pass (16,384 faults each; a log_softmax costs 4x its arithmetic), an
+    RMSNorm's 3 MB blocks of (8, 256, 384) on some passes, as the randomised heap layout has it (40 to
+    720 faults per forward and backward). After this call the large blocks come from the heap and are
+    never faulted in again (tests/test_train.py), and the small ones far less often: 5% of an fp32
+    step, 10% of a bf16 one. PyTorch's CPU tuning guide preloads
     jemalloc or tcmalloc for the same reason; two mallopt settings get the reuse from the allocator
     every Linux already has: no mmap for large blocks (glibc still falls back to it where the heap
     cannot grow), and no trimming until 1 GiB is free at the heap top. Returns whether they were
