@@ -179,6 +179,7 @@ class TrainConfig:
         return asdict(self)
 
     given: ClassVar[set[str]] = set()  # the keys set on the command line or in --config (resolve fills it)
+    carried: ClassVar[set[str]] = set()  # the keys a resume took from the run's config.json and nobody gave
 
 
 # The values an enum-like field takes; a wrong one is refused with the closest.
@@ -373,8 +374,8 @@ def resolve(args: list[str]) -> TrainConfig:
     for key in given:
         if key not in TRAIN_FIELDS and key not in MODEL_FIELDS:
             raise UserError(f"unknown config key {key!r}{did_you_mean(key, [*TRAIN_FIELDS, *MODEL_FIELDS])}")
-    values = run_config(given) if given.get("resume") else {}
-    values.update(given)
+    saved = run_config(given) if given.get("resume") else {}
+    values = saved | given
     cfg = TrainConfig()
     preset = _convert("preset", given.get("preset"))
     if preset is not None:
@@ -385,7 +386,7 @@ def resolve(args: list[str]) -> TrainConfig:
     for key, value in values.items():
         target = cfg.model if key in MODEL_FIELDS else cfg
         setattr(target, key, _convert(key, value))
-    cfg.given = set(given)
+    cfg.given, cfg.carried = set(given), set(saved) - set(given)
     return cfg
 
 

@@ -139,8 +139,8 @@ def prepare_run_dir(cfg: TrainConfig) -> Path | None:
                                 "start it again with --overwrite")
             return resolve_checkpoint(run)
         return resolve_checkpoint(cfg.resume)
-    if has_run and not cfg.overwrite and not list_checkpoints(run) and not steps_logged(run):
-        cfg.overwrite = True  # it ended before its first optimizer step (a failed start): nothing to lose
+    if has_run and not cfg.overwrite and not list_checkpoints(run) and started_but_no_step(run):
+        cfg.overwrite = True  # our run that ended before its first optimizer step (a failed start): nothing to lose
         return None
     if has_run and not cfg.overwrite:
         if not list_checkpoints(run):
@@ -150,21 +150,24 @@ def prepare_run_dir(cfg: TrainConfig) -> Path | None:
     return None
 
 
-def steps_logged(run: Path) -> bool:
-    """Whether RUN/train_log.jsonl records a finished optimizer step (step 1 is always logged)."""
+def started_but_no_step(run: Path) -> bool:
+    """Whether RUN holds a run of ours (train_log.jsonl opening with our header) that logged no
+    optimizer step (step 1 is always logged): a start that failed, e.g. out of memory or killed."""
     path = run / "train_log.jsonl"
-    return path.is_file() and any("loss" in r for r in read_log(path) if isinstance(r, dict))
+    records = [r for r in read_log(path) if isinstance(r, dict)] if path.is_file() else []
+    return bool(records) and records[0].get("event") == "run" and not any("loss" in r for r in records)
 
 
 def check_steps(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> bool:
-    """For a resume: False when the run is already complete (nothing to do), after refusing a
-    --max_steps at or below the checkpoint's step, which would rewrite the run's record for nothing."""
+    """For a resume: False when the checkpoint is already at max_steps (nothing to do: a requeued
+    job that finished, or a resume without a larger --max_steps), after refusing a --max_steps
+    below the checkpoint's step, which would rewrite the run's record for nothing."""
     step = int(state.get("step", 0))
     if cfg.max_steps > step:
         warn_wsd_rewarm(cfg, ckpt, state)
         return True
-    if "max_steps" in cfg.given:
-        raise UserError(f"--max_steps {cfg.max_steps} is at or below step {step} of {ckpt}; nothing changed "
+    if cfg.max_steps < step:
+        raise UserError(f"--max_steps {cfg.max_steps} is below step {step} of {ckpt}; nothing changed "
                         f"(pass a --max_steps above {step} to extend the run)")
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"run complete at step {step}; raise --max_steps to extend it", flush=True)
@@ -187,7 +190,8 @@ def warn_wsd_rewarm(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> None
     where = f"--resume {earlier[-1]}" if earlier else "a checkpoint from before it (none is kept)"
     print(f"warning: {ckpt.name} is inside this WSD run's decay (it began at step {start} of {saved['max_steps']}); "
           f"extending to --max_steps {cfg.max_steps} sends the lr from {was:.2e} back up to {now:.2e}. To extend "
-          f"without the jump, restart the decay from {where}, or continue at the decayed lr with --lr {cfg.min_lr:g}",
+          f"without the jump, restart the decay from {where}, or continue at the decayed lr with --lr {was:g} "
+          f"--min_lr {min(cfg.min_lr, was):g}",
           file=sys.stderr, flush=True)
 
 
@@ -237,7 +241,11 @@ def configure(argv: list[str]) -> tuple[TrainConfig, TokenData, str]:
     if cfg.init_from is None:
         cfg.model.vocab_size = data.vocab_size
     cfg.validate()
+    from_run = "mixed_precision" in cfg.carried
+    if from_run and cfg.mixed_precision is None:  # saved by a version that left it to the launch config
+        cfg.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     cfg.mixed_precision, why = resolve_precision(cfg.mixed_precision)
+    why = "the run's config.json" if from_run else why
     data.check_block_size(cfg.block_size)
     if cfg.document_masking and data.meta.get("eos_token_id") is None:
         raise UserError(f"--document_masking needs the EOS id that ends each document; {data.spec} has none in meta.json")
@@ -259,25 +267,38 @@ def mixture_line(data: TokenData) -> str:
 
 def check_memory(cfg: TrainConfig, model: Transformer, accelerator) -> None:
     """Refuse, before anything is written, a batch whose step cannot fit the device's free memory
-    (GPU) or the RAM available (CPU), as memory.step_memory counts the step's peak."""
+    (GPU) or the RAM available (CPU) of any rank, as memory.step_memory counts the step's peak.
+    Every rank takes the same decision, so none goes on to write the run directory alone."""
+    from accelerate.utils import gather_object
+
+    verdicts = [memory_verdict(cfg, model, accelerator)]
+    if accelerator.num_processes > 1:
+        verdicts = gather_object(verdicts)
+    if refusal := next((v for v in verdicts if v), None):
+        raise UserError(refusal)
+
+
+def memory_verdict(cfg: TrainConfig, model: Transformer, accelerator) -> str | None:
+    """This rank's refusal, or None when the step fits."""
     mb, T = cfg.micro_batch_size, cfg.block_size
     device = accelerator.device
     free, where = free_bytes(device)
-    if generous_bound(cfg.model, mb, T, cfg.document_masking) < free:
-        return
-    kind, world = accelerator.distributed_type.name, accelerator.num_processes
-    need = step_memory(cfg, accelerator.mixed_precision, shards=world if kind in ("FSDP", "DEEPSPEED") else 1,
-                       bucket_copy=kind == "MULTI_GPU" and world > 1)
     # On a CPU the weights already sit in the RAM that free_bytes leaves out.
     resident = sum(p.numel() * p.element_size() for p in model.parameters()) if device.type == "cpu" else 0
     margin = ALLOCATOR_OVERHEAD.get(device.type, 1.0)
-    if need.total * margin - resident <= free:
-        return
-    raise UserError(f"a step of micro-batch {mb} x {T} tokens needs about {need.total * margin / GIB:.1f} GiB "
-                    f"({need.activations / GIB:.1f} GiB of activations and the backward's tensors, {need.state / GIB:.1f} "
-                    f"GiB of weights, gradients and optimizer state" + (f", x{margin} for the allocator" if margin > 1 else "")
-                    + f"), but only {free / GIB:.1f} GiB {where}; "
-                    + memory_advice(cfg, largest_micro_batch(need, free / margin, resident)))
+    if generous_bound(cfg.model, mb, T, cfg.document_masking) * margin <= free + resident:
+        return None
+    kind, world = accelerator.distributed_type.name, accelerator.num_processes
+    need = step_memory(cfg, accelerator.mixed_precision, shards=world if kind in ("FSDP", "DEEPSPEED") else 1,
+                       bucket_copy=kind == "MULTI_GPU" and world > 1)
+    room = (free + resident) / margin  # what the counted tensors may take
+    if need.total <= room:
+        return None
+    return (f"a step of micro-batch {mb} x {T} tokens needs about {need.total * margin / GIB:.1f} GiB "
+            f"({need.activations / GIB:.1f} GiB of activations and the backward's tensors, {need.state / GIB:.1f} "
+            f"GiB of weights, gradients and optimizer state" + (f", x{margin} for the allocator" if margin > 1 else "")
+            + f"), but only {free / GIB:.1f} GiB {where}; "
+            + memory_advice(cfg, min(largest_micro_batch(need, room), mb - 1)))
 
 
 def memory_advice(cfg: TrainConfig, fits: int | None) -> str:
@@ -330,12 +351,13 @@ def main(argv: list[str] | None = None) -> int:
     if "-h" in argv or "--help" in argv:
         print(__doc__ + "\n" + help_text())
         return 0
-    run = setup(argv)
-    if run is None:  # nothing left to do: the run is complete
-        return 0
-    done = run.start_step
-    run.model.train()
-    with StopRequest() as stop, out_of_memory_as_user_error(run.cfg):
+    cfg, data, precision_why = configure(argv)
+    with StopRequest() as stop, out_of_memory_as_user_error(cfg):
+        run = setup(cfg, data, precision_why)
+        if run is None:  # nothing left to do: the run is complete
+            return 0
+        done = run.start_step
+        run.model.train()
         for step in range(run.start_step, run.cfg.max_steps):
             batch = get_batch(run, step)
             result = optimizer_step(run, batch, step)
@@ -395,10 +417,9 @@ class StepResult(NamedTuple):
     lr: float
 
 
-def setup(argv: list[str]) -> Run | None:
-    """Config, data, run directory, model, optimizer and log, checked in the order that writes
-    nothing before every check has passed; None when a resumed run is already complete."""
-    cfg, data, precision_why = configure(argv)
+def setup(cfg: TrainConfig, data: TokenData, precision_why: str) -> Run | None:
+    """Run directory, model, optimizer and log, checked in the order that writes nothing before
+    every check has passed; None when a resumed run is already complete."""
     ckpt = prepare_run_dir(cfg)
     if ckpt and not check_steps(cfg, ckpt, read_state(ckpt)):
         return None

@@ -29,12 +29,11 @@ def test_resume_at_or_below_the_checkpoint_refuses_and_a_complete_run_says_so(tm
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     before = snapshot(run)
-    for steps in (4, 6):
-        assert train("--out", run, "--resume", "--max_steps", steps) == 2
-        one_line_error(capsys, f"--max_steps {steps} is at or below step 6 of {run / 'checkpoints' / 'step_0000006'}; "
-                               "nothing changed")
-    for resume in ("--resume", "--resume=auto"):
-        assert train("--out", run, resume) == 0
+    assert train("--out", run, "--resume", "--max_steps", 4) == 2
+    one_line_error(capsys, f"--max_steps 4 is below step 6 of {run / 'checkpoints' / 'step_0000006'}; nothing changed")
+    # at the checkpoint's step: nothing to do, also for a requeued `--resume auto` job that names its --max_steps
+    for resume in (["--resume"], ["--resume=auto"], ["--resume", "--max_steps", "6"], ["--resume", "auto", "--max_steps", "6"]):
+        assert train("--out", run, *resume) == 0
         out = capsys.readouterr()
         assert out.out.strip() == "run complete at step 6; raise --max_steps to extend it" and not out.err
     assert snapshot(run) == before  # config.json, train_log.jsonl and checkpoints untouched
@@ -50,7 +49,7 @@ def test_extending_a_finished_wsd_run_warns_and_names_the_checkpoint_before_its_
     assert (f"warning: step_0000010 is inside this WSD run's decay (it began at step 8 of 10); extending to "
             f"--max_steps 12 sends the lr from 1.65e-03 back up to 3.00e-03. To extend without the jump, restart the "
             f"decay from --resume {run / 'checkpoints' / 'step_0000006'}, or continue at the decayed lr with "
-            f"--lr 0.0003") in err, err
+            f"--lr 0.00165 --min_lr 0.0003") in err, err
     lrs = [r["lr"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "lr" in r]
     assert lrs[-2] == pytest.approx(3e-3)  # step 11: what the warning said
     # From the checkpoint before the decay the extension is what README promises: constant longer, no warning.
@@ -81,6 +80,7 @@ def test_a_command_without_a_precision_gets_auto_and_says_why(tmp_path, data_dir
 def test_precision_order_flag_then_launch_config_then_auto(monkeypatch, flag, launcher, expected):
     from accel_pretrain.config import auto_precision, resolve_precision
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     if launcher is None:
         monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     else:
@@ -90,6 +90,29 @@ def test_precision_order_flag_then_launch_config_then_auto(monkeypatch, flag, la
         assert chosen == auto_precision() and why.startswith("auto: ")
     else:
         assert (chosen, why) == expected
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_a_gpu_keeps_its_launch_configs_fp32_unless_told_auto(monkeypatch, bf16):
+    from accel_pretrain.config import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    half = "bf16" if bf16 else "fp16"
+    assert resolve_precision(None) == ("no", f"the launch config; --mixed_precision auto would pick {half}")
+    assert resolve_precision("auto") == (half, "auto: bf16 on this GPU" if bf16 else "auto: this GPU has no bf16")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert resolve_precision(None) == ("bf16", "the launch config")
+
+
+def test_a_resumed_run_keeps_its_precision_and_says_where_it_came_from(tmp_path, trained_run, capsys, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # a launch config asking for bf16 now
+    assert train("--out", run, "--resume", "--max_steps", 7) == 0
+    assert "| fp32 (the run's config.json) |" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["mixed_precision"] == "no"
 
 
 def test_mixture_weights_are_normalised_shown_recorded_and_evaluate_reproduces_val_loss(tmp_path, data_dir, capsys):
@@ -146,12 +169,26 @@ def test_a_batch_that_cannot_fit_is_refused_before_anything_is_written(tmp_path,
                  "--gradient_accumulation_steps", accumulate, "--max_steps", 1) == 0  # the advice fits
 
 
+def test_an_out_that_is_not_our_run_is_never_replaced_without_overwrite(tmp_path, data_dir, trained_run, capsys):
+    """A start that died before its first step is replaced on the next try, but only when its
+    train_log.jsonl opens with our header: an exported model folder has a config.json too."""
+    from accel_pretrain import export
+
+    folder = tmp_path / "hf"
+    assert run_cli(export.main, [str(trained_run), str(folder)]) == 0
+    before = snapshot(folder)
+    assert train("--data", data_dir, "--out", folder, *TINY, "--max_steps", 1) == 2
+    one_line_error(capsys, "pass --overwrite")
+    assert snapshot(folder) == before
+
+
 def test_generous_bound_is_above_the_counted_peak():
     """check_memory skips the count below generous_bound: it must never be under what the count gives."""
     from accel_pretrain.config import PRESETS, ModelConfig, TrainConfig
     from accel_pretrain.memory import generous_bound, step_memory
 
     cases = [("tiny", 4, 32, "no", False, "adamw", 512), ("mini", 8, 256, "bf16", True, "muon", 50257),
+             ("tiny", 8, 256, "no", False, "adamw", 151936), ("tiny", 8, 256, "bf16", False, "adamw", 151936),
              ("qwen3-small", 2, 512, "bf16", True, "adamw", 151936), ("small", 2, 256, "fp16", False, "muon", 8192)]
     for preset, mb, T, precision, masking, optimizer, vocab in cases:
         cfg = TrainConfig(micro_batch_size=mb, block_size=T, document_masking=masking, optimizer=optimizer)

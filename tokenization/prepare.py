@@ -222,7 +222,8 @@ class FitCounter:
     (no second pass over the corpus): whitespace-only tokens, lone spaces and unknown tokens."""
 
     def __init__(self, tok, size: int, eos: int):
-        self.classes = token_classes(tok, size)
+        # len(tok) can be below the largest id where added tokens leave gaps: size for every id it has
+        self.classes = token_classes(tok, max(size, max(tok.get_vocab().values(), default=-1) + 1))
         self.eos_class = int(self.classes[eos])
         self.counts = np.zeros(8, dtype=np.int64)  # tokens per class value (a combination of bits)
 
