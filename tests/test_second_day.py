@@ -358,3 +358,18 @@ def test_a_cuda_out_of_memory_error_becomes_the_same_one_line():
                             "tokens per step and process, or pass --activation_checkpointing")
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"), out_of_memory_as_user_error(cfg):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")  # any other error stays a bug's traceback
+
+
+def test_memory_model_counts_what_a_real_forward_allocates():
+    """benchmarks/memory_model.py, README's micro-batch table: its count against glibc's allocated
+    bytes over a real forward (it exits when more than 10% off), and its per-token figure against
+    the whole model's saved bytes."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import memory_model
+
+    from accel_pretrain.config import PRESETS, ModelConfig
+
+    memory_model.check_against_a_real_forward("no")
+    cfg = ModelConfig(**PRESETS["tiny"], vocab_size=512)
+    per_token = memory_model.block_bytes_per_token(cfg, 64, "no")
+    assert 20 * cfg.hidden_size < per_token < 80 * cfg.hidden_size
