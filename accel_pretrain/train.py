@@ -328,8 +328,12 @@ def out_of_memory_as_user_error(cfg: TrainConfig) -> Iterator[None]:
         tried = re.search(r"(?i)tried to allocate (\d+) bytes", text)
         size = f"{int(tried[1]) / GIB:.2f} GiB" if tried else (re.search(r"(?i)tried to allocate ([\d.]+ \w+)", text)
                                                                  or ["", "memory"])[1]
-        raise UserError(f"out of memory: a step of micro-batch {cfg.micro_batch_size} x {cfg.block_size} tokens tried "
-                        f"to allocate {size} more; " + memory_advice(cfg, None)) from None
+        line = (f"out of memory: a step of micro-batch {cfg.micro_batch_size} x {cfg.block_size} tokens tried to "
+                f"allocate {size} more; " + memory_advice(cfg, None))
+        rank = int(os.environ.get("RANK", "0"))
+        if rank:  # one rank alone ran out: the CLI prints rank 0's errors only, so this one says it itself
+            print(f"error: rank {rank}: {line}", file=sys.stderr, flush=True)
+        raise UserError(line) from None
 
 
 def build_model(cfg: TrainConfig, data: TokenData) -> Transformer:

@@ -343,7 +343,7 @@ def test_plot_marks_divergence_and_refuses_an_unwritable_path_in_one_line(tmp_pa
     one_line_error(capsys, "cannot write /proc/no/loss.png")
 
 
-def test_a_cuda_out_of_memory_error_becomes_the_same_one_line():
+def test_a_cuda_out_of_memory_error_becomes_the_same_one_line(monkeypatch, capsys):
     """torch.OutOfMemoryError as the CUDA caching allocator words it (no GPU here to make one)."""
     from accel_pretrain.config import TrainConfig
     from accel_pretrain.errors import UserError
@@ -356,6 +356,10 @@ def test_a_cuda_out_of_memory_error_becomes_the_same_one_line():
     assert str(e.value) == ("out of memory: a step of micro-batch 16 x 1024 tokens tried to allocate 3.05 GiB more; "
                             "lower --micro_batch_size to 8 and raise --gradient_accumulation_steps to 8 to keep 65,536 "
                             "tokens per step and process, or pass --activation_checkpointing")
+    monkeypatch.setenv("RANK", "3")  # a rank other than 0 says it itself: the CLI prints rank 0's errors only
+    with pytest.raises(UserError), out_of_memory_as_user_error(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.05 GiB.")
+    assert capsys.readouterr().err.startswith("error: rank 3: out of memory: a step of micro-batch 16 x 1024")
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"), out_of_memory_as_user_error(cfg):
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")  # any other error stays a bug's traceback
 
