@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# Dense peak FLOP/s per device, (bf16/fp16, tf32/fp32), from the vendors' data sheets.
+# Dense peak FLOP/s per device, (bf16/fp16, tf32/fp32), from the vendors' data sheets. fp32 runs
+# on CUDA use TF32 tensor cores (train.start_accelerator), so the second figure is TF32's.
 PEAK_FLOPS: dict[str, tuple[float, float]] = {
     "H200": (989e12, 494e12),
     "H100 PCIe": (756e12, 378e12),
     "H100": (989e12, 494e12),
     "A100": (312e12, 156e12),
     "L40S": (362e12, 183e12),
+    "L40": (181e12, 90.5e12),
     "A10G": (70e12, 35e12),
     "L4": (121e12, 60e12),
     "RTX 4090": (165e12, 83e12),
@@ -30,9 +33,10 @@ def peak_flops(device: torch.device, mixed_precision: str, override: float | Non
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, (half, full) in PEAK_FLOPS.items():
-        if key in name:
+    words = re.split(r"[\s\-_]+", torch.cuda.get_device_name(device))  # "NVIDIA A100-SXM4-80GB" -> NVIDIA, A100, ...
+    for key, (half, full) in PEAK_FLOPS.items():  # whole words: "NVIDIA L40" is no L4, "H100 PCIe" no H100 SXM
+        n = len(key.split())
+        if any(words[i:i + n] == key.split() for i in range(len(words))):
             return half if mixed_precision in ("bf16", "fp16") else full
     return None
 

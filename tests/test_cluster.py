@@ -93,7 +93,9 @@ def test_host_to_device_pins_only_for_cuda(monkeypatch):
 
 @pytest.mark.parametrize("name, precision, expected", [
     ("NVIDIA H100 80GB HBM3", "bf16", 989e12), ("NVIDIA H100 PCIe", "bf16", 756e12),
-    ("NVIDIA A100-SXM4-80GB", "no", 156e12), ("NVIDIA H200", "fp16", 989e12), ("Some Future GPU", "bf16", None)])
+    ("NVIDIA A100-SXM4-80GB", "no", 156e12), ("NVIDIA H200", "fp16", 989e12), ("Some Future GPU", "bf16", None),
+    ("NVIDIA L40", "bf16", 181e12), ("NVIDIA L4", "bf16", 121e12), ("NVIDIA L40S", "no", 183e12),
+    ("Tesla T4", "fp16", 65e12), ("NVIDIA GeForce RTX 4090", "bf16", 165e12), ("NVIDIA A100 80GB PCIe", "no", 156e12)])
 def test_peak_flops_table(monkeypatch, name, precision, expected):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert peak_flops(torch.device("cuda"), precision, None) == expected
@@ -111,3 +113,18 @@ def test_mfu_is_logged_against_peak_flops(tmp_path, data_dir):
     for r in (r for r in log if "loss" in r):
         assert r["mfu"] == pytest.approx(flops * r["tokens_per_s"] / 1e12, rel=1e-9)
     assert json.loads((run / "config.json").read_text())["peak_flops"] == 1e12
+
+
+def test_tf32_only_for_fp32_on_cuda():
+    from accel_pretrain.train import allow_tf32
+
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert not allow_tf32("cpu", "no") and not allow_tf32("cuda", "bf16")
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert allow_tf32("cuda", "no")
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
