@@ -30,6 +30,11 @@ def checkpoint_path(run: Path, step: int) -> Path:
     return Path(run) / "checkpoints" / f"step_{step:07d}"
 
 
+def checkpoint_step(ckpt: Path) -> int:
+    """The optimizer step a checkpoint folder step_NNNNNNN was saved at."""
+    return int(STEP_RE.match(Path(ckpt).name)[1])
+
+
 def list_checkpoints(run: Path) -> list[Path]:
     root = Path(run) / "checkpoints"
     if not root.is_dir():

@@ -28,7 +28,7 @@ from typing import Any, Iterator, NamedTuple, NoReturn
 import torch
 
 from . import __version__
-from .checkpoint import list_checkpoints, read_state, resolve_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_step, list_checkpoints, read_state, resolve_checkpoint, save_checkpoint
 from .config import (MODEL_FIELDS, TRAIN_FIELDS, TrainConfig, changes, flatten, help_text, model_config_from_dict, resolve,
                      resolve_precision, save_json)
 from .data import TokenData, check_same_tokenizer, step_windows
@@ -186,7 +186,7 @@ def warn_wsd_rewarm(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> None
     was, now = lr_at(step - 1, before), lr_at(step, cfg)
     if step <= start or now <= was * 1.01 or int(os.environ.get("RANK", "0")) != 0:
         return
-    earlier = [c for c in list_checkpoints(ckpt.parent.parent) if int(c.name.split("_")[1]) <= start]
+    earlier = [c for c in list_checkpoints(ckpt.parent.parent) if checkpoint_step(c) <= start]
     where = f"--resume {earlier[-1]}" if earlier else "a checkpoint from before it (none is kept)"
     print(f"warning: {ckpt.name} is inside this WSD run's decay (it began at step {start} of {saved['max_steps']}); "
           f"extending to --max_steps {cfg.max_steps} sends the lr from {was:.2e} back up to {now:.2e}. To extend "
@@ -218,8 +218,8 @@ def check_trackers(report_to: str) -> None:
             raise UserError("--report_to tensorboard needs the tensorboard package: pip install tensorboard") from None
 
 
-def check_resume(ckpt: Path, cfg: TrainConfig, data: TokenData) -> dict[str, Any]:
-    state = read_state(ckpt)
+def check_resume(ckpt: Path, state: dict[str, Any], cfg: TrainConfig, data: TokenData) -> None:
+    """The checkpoint's model shape and data must be this run's."""
     saved = asdict(model_config_from_dict(state["model_config"]))  # fields it predates take their defaults
     diffs = [f"{k} {saved[k]} -> {v}" for k, v in cfg.to_dict()["model"].items()
              if k != "initializer_range" and saved[k] != v]
@@ -228,7 +228,6 @@ def check_resume(ckpt: Path, cfg: TrainConfig, data: TokenData) -> dict[str, Any
     if state.get("data_fingerprint") != data.fingerprint():
         raise UserError(f"cannot resume {ckpt}: it was trained on other data ({state.get('data_dir')}); "
                         "resume with the same --data")
-    return state
 
 
 def configure(argv: list[str]) -> tuple[TrainConfig, TokenData, str]:
@@ -425,14 +424,16 @@ def setup(cfg: TrainConfig, data: TokenData, precision_why: str) -> Run | None:
     """Run directory, model, optimizer and log, checked in the order that writes nothing before
     every check has passed; None when a resumed run is already complete."""
     ckpt = prepare_run_dir(cfg)
-    if ckpt and not check_steps(cfg, ckpt, read_state(ckpt)):
+    state: dict[str, Any] = read_state(ckpt) if ckpt else {}
+    if ckpt and not check_steps(cfg, ckpt, state):
         return None
     check_trackers(cfg.report_to)
     accelerator = start_accelerator(cfg)
     model = build_model(cfg, data)
     model.checkpoint_blocks = cfg.activation_checkpointing
     data.check_ids_below(cfg.model.vocab_size)
-    state: dict[str, Any] = check_resume(ckpt, cfg, data) if ckpt else {}
+    if ckpt:
+        check_resume(ckpt, state, cfg, data)
     check_memory(cfg, model, accelerator)
     write_run_dir(cfg, data, accelerator, fresh=not ckpt)
 
