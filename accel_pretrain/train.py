@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, NoReturn
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -64,6 +65,42 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+
+
+class StopVote:
+    """Whether any rank was asked to stop, agreed by all ranks without waiting for the device.
+
+    Each step, every rank adds its flag to an all-reduce over a gloo group of its own: one integer
+    in host memory, summed by gloo's thread while the step's kernels run, never queued behind them
+    on a GPU stream. The sum is read one step later, when it is long done: no host-device sync,
+    whatever the world size. All ranks read the same vote at the same step, so all stop and save
+    the same step (one step after the signal). One process needs no vote: its flag is the answer."""
+
+    def __init__(self, world: int) -> None:
+        import torch.distributed as dist
+
+        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        self.pending: tuple[Any, np.ndarray] | None = None
+
+    def __call__(self, flag: bool) -> bool:
+        """Cast this step's flag; True when the vote cast a step ago had a rank asking to stop."""
+        if self.group is None:
+            return flag
+        import torch.distributed as dist
+
+        agreed = self.result()
+        votes = np.array([int(flag)], dtype=np.int64)
+        self.pending = (dist.all_reduce(torch.from_numpy(votes), group=self.group, async_op=True), votes)
+        return agreed
+
+    def result(self) -> bool:
+        """Wait for the vote in flight (if any) and read it from host memory."""
+        if self.pending is None:
+            return False
+        work, votes = self.pending
+        work.wait()
+        self.pending = None
+        return bool(votes[0])
 
 
 class SpikeWatch:
@@ -365,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             batch = get_batch(run, step)
             result = optimizer_step(run, batch, step)
             done = step + 1
-            stopping = _agree(run.accelerator, stop.requested)
+            stopping = run.vote(stop.requested)
             periodic_actions(run, result, done, stopping)
             if stopping:
                 run.accelerator.print(f"\nstopped by signal at step {done}; checkpoint saved, continue with --resume")
@@ -392,6 +429,7 @@ class Run:
     peak_flops: float | None  # per device, for MFU (None: unknown)
     eos: int | None  # documents end at EOS when --document_masking
     spikes: SpikeWatch
+    vote: StopVote
     tokens_seen: int = 0
     t_start: float = field(default_factory=time.perf_counter)
     t_last: float = field(default_factory=time.perf_counter)
@@ -454,6 +492,7 @@ def setup(cfg: TrainConfig, data: TokenData, precision_why: str) -> Run | None:
               flops_per_token=accelerator.unwrap_model(model).flops_per_token(cfg.block_size),
               peak_flops=peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_flops),
               eos=data.meta.get("eos_token_id") if cfg.document_masking else None, spikes=SpikeWatch([]),
+              vote=StopVote(accelerator.num_processes),
               tokens_seen=state.get("tokens_seen", 0), tokens_last=state.get("tokens_seen", 0),
               bad_step=torch.zeros((), dtype=torch.long, device=accelerator.device),
               bad_norm=torch.zeros((), device=accelerator.device))
@@ -660,19 +699,12 @@ def finish(run: Run, done: int) -> None:
     """Replicas must agree after training: a gathered checksum per rank makes that checkable."""
     accelerator = run.accelerator
     run.bar.close()
+    run.vote.result()  # the last step's vote: no collective may be in flight when the group goes
     sums = accelerator.gather(torch.tensor([param_checksum(run.model)], device=accelerator.device,
                                            dtype=torch.float64))
     run.log.write({"event": "end", "step": done, "param_checksums": sums.tolist()})
     accelerator.wait_for_everyone()  # no rank tears down the process group while another still uses it
     accelerator.end_training()
-
-
-def _agree(accelerator, flag: bool) -> bool:
-    """True on every rank if any rank was asked to stop, so all save the same step together."""
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, "sum").item() > 0)
 
 
 def raise_nonfinite(log: RunLog, step: int, grad_norm: torch.Tensor, ckpt_dir: list[Path]) -> None:

@@ -1,0 +1,67 @@
+"""Counts, step by step, what makes a training process wait: reads of a tensor's value on the host
+(aten._local_scalar_dense, behind .item(), float(), int() and bool() of a tensor: on a GPU each one
+waits for every kernel queued so far) and collectives started from Python, on the training's process
+group or on another (StopVote's gloo group, which holds host memory only).
+
+    python -m tests.count_syncs OUT.json TRAIN-ARGS...      (alone or under accelerate launch)
+
+The optimizer is built as on a GPU (fused AdamW, whose step counts stay tensors), since on a CPU
+torch's AdamW reads its step count with .item() (a host tensor there, and on a GPU unfused too).
+Each rank writes OUT.json.rankN: {"step": [value reads, collectives on the default group, others]};
+a step counts from its get_batch to the next one, its periodic actions included."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from accel_pretrain import train
+
+counts: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
+current = [-1]  # the step being run; -1 before the first: setup
+
+
+class ValueReads(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func is torch.ops.aten._local_scalar_dense.default:
+            counts[current[0]][0] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def counted(name: str):  # noqa: ANN201
+    original = getattr(dist, name)
+
+    def collective(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        group = kwargs.get("group")
+        counts[current[0]][1 if group is None or group is dist.group.WORLD else 2] += 1
+        return original(*args, **kwargs)
+    return collective
+
+
+def main() -> None:
+    out, argv = sys.argv[1], sys.argv[2:]
+    for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier", "reduce", "gather"):
+        setattr(dist, name, counted(name))
+    build_optimizer = train.build_optimizer
+    train.build_optimizer = lambda model, cfg, fused: build_optimizer(model, cfg, fused=True)
+    get_batch = train.get_batch
+
+    def marked_get_batch(run, step):  # noqa: ANN001, ANN202
+        current[0] = step + 1
+        return get_batch(run, step)
+    train.get_batch = marked_get_batch
+    with ValueReads():
+        code = train.main(argv)
+    rank = os.environ.get("RANK", "0")
+    with open(f"{out}.rank{rank}", "w") as f:
+        json.dump({str(k): v for k, v in sorted(counts.items())}, f)
+    train.leave(code)
+
+
+if __name__ == "__main__":
+    main()
