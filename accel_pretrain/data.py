@@ -77,13 +77,26 @@ def _open_split(d: Path, meta: dict[str, Any], split: str) -> np.ndarray:
     return ids
 
 
+def _chunks(a: np.ndarray) -> Iterator[np.ndarray]:
+    for i in range(0, len(a), CHUNK):
+        yield a[i:i + CHUNK]
+
+
+def _scan_max(a: np.ndarray) -> int | None:
+    """An array's largest id, read in chunks so memory stays flat; None when it is empty."""
+    return max((int(c.max()) for c in _chunks(a)), default=None)
+
+
 class Ids:
     """One split (train or valid) of every source: groups (one per source) of memory-mapped arrays
-    (one per shard), addressed as if concatenated. A window lies inside one array."""
+    (one per shard), addressed as if concatenated. A window lies inside one array. `recorded` holds
+    each array's largest id from its meta.json (max_token_id), None where that predates the field."""
 
-    def __init__(self, groups: list[list[np.ndarray]], weights: list[float]):
+    def __init__(self, groups: list[list[np.ndarray]], weights: list[float],
+                 recorded: list[int | None] | None = None):
         self.groups, self.weights = groups, weights
         self.parts = [a for g in groups for a in g]
+        self.recorded = recorded or [None] * len(self.parts)
         self.offsets = np.cumsum([0] + [len(a) for a in self.parts])
         self.first = np.cumsum([0] + [len(g) for g in groups])  # index in parts of each group's first array
 
@@ -95,8 +108,13 @@ class Ids:
 
     def chunks(self) -> Iterator[np.ndarray]:
         for a in self.parts:
-            for i in range(0, len(a), CHUNK):
-                yield a[i:i + CHUNK]
+            yield from _chunks(a)
+
+    def max_id(self) -> int | None:
+        """The largest id (None when there is none): the recorded one of each array that has it, so a
+        start or requeue reads no ids; only arrays of data that predates the record are scanned."""
+        tops = [_scan_max(a) if top is None else top for a, top in zip(self.parts, self.recorded)]
+        return max((t for t in tops if t is not None), default=None)
 
     def _starts_in_group(self, g: int, rng: np.random.Generator, n: int, block_size: int) -> np.ndarray:
         """n global window starts, uniform over every window that fits inside one of group g's arrays."""
@@ -157,6 +175,7 @@ class TokenData:
         self.dir = Path(self.sources[0][0])
         self.metas: list[dict[str, Any]] = []  # one per source
         train_groups, valid_groups, first = [], [], None
+        recorded: list[dict[str, Any]] = []  # max_token_id of each shard, in the order of Ids.parts
         for path, _ in self.sources:
             d = Path(path)
             meta = _read_meta(d)
@@ -172,24 +191,26 @@ class TokenData:
                 _check_same_tokenizer(shard, smeta, *first)
                 train.append(_open_split(shard, smeta, "train"))
                 valid.append(_open_split(shard, smeta, "valid"))
+                recorded.append(smeta.get("max_token_id") or {})
             self.metas.append(meta)
             train_groups.append(train)
             valid_groups.append(valid)
         self.meta = self.metas[0]
         self.vocab_size = int(self.meta["vocab_size"])
         weights = [w for _, w in self.sources]
-        self.train = Ids(train_groups, weights)
-        self.valid = Ids(valid_groups, weights)
+        self.train = Ids(train_groups, weights, [r.get("train") for r in recorded])
+        self.valid = Ids(valid_groups, weights, [r.get("valid") for r in recorded])
 
     @property
     def tokenizer_sha256(self) -> str | None:
         return self.meta.get("tokenizer_sha256")
 
     def check_ids_below(self, vocab_size: int) -> None:
-        """Every id must index the model's embedding; scanned in chunks so memory stays flat."""
+        """Every id must index the model's embedding: prepare's recorded largest ids, read only in data
+        that predates them (Ids.max_id)."""
         for split, ids in (("train", self.train), ("valid", self.valid)):
-            top = max((int(c.max()) for c in ids.chunks() if len(c)), default=0)
-            if top >= vocab_size:
+            top = ids.max_id()
+            if top is not None and top >= vocab_size:
                 raise UserError(f"{split}_ids.npy holds token id {top}, but the model's vocabulary has "
                                 f"{vocab_size} entries; the data and the model do not belong together")
 

@@ -121,7 +121,8 @@ def test_export_evaluate_generate_bad_input(tmp_path, data_dir, trained_run, cap
     ids = np.load(wide / "valid_ids.npy")
     ids[3] = 600
     np.save(wide / "valid_ids.npy", ids)
-    (wide / "meta.json").write_text(json.dumps({**meta, "vocab_size": 1000}))
+    wide_meta = {**meta, "vocab_size": 1000, "max_token_id": {**meta["max_token_id"], "valid": 600}}
+    (wide / "meta.json").write_text(json.dumps(wide_meta))
     assert run_cli(evaluate.main, [str(trained_run), "--data", str(wide)]) == 2
     one_line_error(capsys, "holds token id 600")
     assert run_cli(evaluate.main, [str(tmp_path / "nope"), "--data", str(data_dir)]) == 2

@@ -21,6 +21,7 @@ SUMMED = ("train_tokens", "valid_tokens", "train_bytes", "valid_bytes", "documen
           "valid_documents")
 SAME = ("vocab_size", "eos_token_id", "dtype", "tokenizer_sha256")
 FIT_COUNTS = ("whitespace_only_tokens", "single_space_tokens", "unk_tokens")
+SPLITS = ("train", "valid")
 
 
 def read_meta(d: Path) -> dict:
@@ -33,6 +34,13 @@ def read_meta(d: Path) -> dict:
     if not meta.get("tokenizer_sha256"):
         raise PrepareError(f"{d}/meta.json has no tokenizer_sha256 (made by an older version); prepare it again")
     return meta
+
+
+def largest_ids(metas: list[dict]) -> dict[str, int | None]:
+    """meta.json's max_token_id of the merged directory: per split, the largest over the shards
+    (None where every shard's split is empty)."""
+    return {split: max((m["max_token_id"][split] for m in metas if m["max_token_id"][split] is not None),
+                       default=None) for split in SPLITS}
 
 
 def merge(dirs: list[Path], out: Path, overwrite: bool = False) -> Path:
@@ -71,6 +79,8 @@ def merge(dirs: list[Path], out: Path, overwrite: bool = False) -> Path:
         if all("tokenizer_fit" in m for _, m in metas):  # shards of an older version have none
             counts = {k: sum(m["tokenizer_fit"][k] for _, m in metas) for k in FIT_COUNTS}
             meta["tokenizer_fit"] = tokenizer_fit(counts, text_tokens, meta["train_bytes"] + meta["valid_bytes"])
+        if all("max_token_id" in m for _, m in metas):  # likewise: training then reads the older shards' ids
+            meta["max_token_id"] = largest_ids([m for _, m in metas])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
