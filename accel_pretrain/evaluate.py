@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .data import Ids, TokenData, check_same_tokenizer, unigram_loss
 from .errors import UserError, run_cli
-from .model import document_mask
+from .model import attention_mask
 
 
 @torch.no_grad()
@@ -24,7 +24,7 @@ def score(model: torch.nn.Module, ids: Ids, block_size: int, batch_size: int, ma
           device: torch.device, rank: int = 0, world: int = 1, eos_token_id: int | None = None
           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of target losses in nats, number of targets) over this rank's share of the windows; with
-    eos_token_id, each token attends only within its own document (document_mask).
+    eos_token_id, each token attends only within its own document (attention_mask).
 
     Every rank runs the same number of forwards (padding with weight-0 windows) so sharded models
     (FSDP) never wait on a rank that has finished."""
@@ -42,7 +42,7 @@ def score(model: torch.nn.Module, ids: Ids, block_size: int, batch_size: int, ma
             chosen, weight = all_starts[:1], 0.0
         xy = ids.windows(chosen, block_size).to(device)
         x = xy[:, :-1]
-        logits, _ = model(x, None, document_mask(x, eos_token_id))
+        logits, _ = model(x, None, attention_mask(x, eos_token_id))
         losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), xy[:, 1:].reshape(-1), reduction="sum")
         loss_sum += weight * losses.double()
         count += weight * xy[:, 1:].numel()

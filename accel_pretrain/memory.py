@@ -73,11 +73,14 @@ class PeakBytes(TorchDispatchMode):
         return out
 
 
-def step_memory(train: TrainConfig, precision: str, shards: int = 1, bucket_copy: bool = False) -> StepMemory:
+def step_memory(train: TrainConfig, precision: str, shards: int = 1, bucket_copy: bool = False,
+                flex: bool = False) -> StepMemory:
     """The peak of two optimizer steps of `train` (its model, optimizer, micro-batch, accumulation,
     document masking and activation checkpointing) under `precision`, on fake tensors. With
     `shards` > 1 (FSDP, DeepSpeed) weights, gradients and optimizer state are divided among the
-    processes; `bucket_copy` adds DDP's gradient buckets (a second copy of the gradients)."""
+    processes; `bucket_copy` adds DDP's gradient buckets (a second copy of the gradients). `flex`:
+    document masking runs in flex_attention (CUDA), which saves what causal attention saves (q, k,
+    v, output and log-sum-exp) and keeps no mask per layer, so it is counted as causal attention."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .model import Transformer, document_mask
@@ -90,7 +93,7 @@ def step_memory(train: TrainConfig, precision: str, shards: int = 1, bucket_copy
         optimizer = build_optimizer(model, train, fused=False)
         ids = torch.zeros(train.micro_batch_size, train.block_size + 1, dtype=torch.long)
         x, y = ids[:, :-1], ids[:, 1:]
-        mask = document_mask(x, 0) if train.document_masking else None
+        mask = document_mask(x, 0) if train.document_masking and not flex else None
         for step in range(2):
             if step == 1:
                 counter.peak = counter.live  # the second step, with the optimizer state, is the one that counts

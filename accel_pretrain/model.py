@@ -6,12 +6,15 @@ The open families people start from differ by a few flags, all in this file: RoP
 Llama 3.1's, YaRN), q/k/v biases (Qwen2), QK-norm and a head_dim decoupled from the width (Qwen3)."""
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .config import ModelConfig
 
@@ -139,6 +142,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return Rope.apply(x, cos.to(x.dtype), sin.to(x.dtype))
 
 
+def document_ids(input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """(B, T) index of the document each token belongs to (a document ends with its EOS token)."""
+    is_eos = (input_ids == eos_token_id).long()
+    return torch.cumsum(is_eos, dim=1) - is_eos
+
+
 def document_mask(input_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor | None:
     """Boolean attention mask (B, 1, T, T) for windows that span several documents: causal, and each
     token sees only the earlier tokens of its own document (a document ends with its EOS token).
@@ -147,11 +156,46 @@ def document_mask(input_ids: torch.Tensor, eos_token_id: int | None) -> torch.Te
     two tokens, so within a document the attention is exactly that of the document on its own."""
     if eos_token_id is None:
         return None
-    is_eos = (input_ids == eos_token_id).long()
-    doc = torch.cumsum(is_eos, dim=1) - is_eos
+    doc = document_ids(input_ids, eos_token_id)
     T = input_ids.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def document_block_mask(input_ids: torch.Tensor, eos_token_id: int) -> BlockMask:
+    """document_mask as flex_attention's BlockMask: which 128 x 128 tiles of the scores are empty
+    (skipped), full (computed without a mask) or partial (masked inside). No (T, T) tensor is kept
+    for the backward, and the fused kernel stays: SDPA turns a boolean mask into a bias, which rules
+    out its flash kernel and, in the memory-efficient one, is stored per layer. Built by a compiled
+    create_block_mask, once per step, for all layers."""
+    doc = document_ids(input_ids, eos_token_id)
+
+    def same_document(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return (doc[b, q] == doc[b, kv]) & (q >= kv)
+
+    B, T = input_ids.shape
+    return compiled(create_block_mask)(same_document, B, None, T, T, device=input_ids.device)
+
+
+def attention_mask(input_ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor | BlockMask | None:
+    """Document masking in the form the device runs best: flex_attention's BlockMask on CUDA, the
+    boolean mask for SDPA elsewhere (flex_attention has no backward on a CPU). None: plain causal."""
+    if eos_token_id is None:
+        return None
+    if runs_flex(input_ids.device):
+        return document_block_mask(input_ids, eos_token_id)
+    return document_mask(input_ids, eos_token_id)
+
+
+def runs_flex(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+@functools.cache
+def compiled(fn: Callable) -> Callable:
+    """fn under torch.compile, compiled once per input shape: flex_attention runs as a fused kernel
+    only compiled (eagerly it materialises the scores), create_block_mask without the (B, T, T) mask."""
+    return torch.compile(fn, dynamic=False)
 
 
 class KVCache:
@@ -180,7 +224,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -195,8 +239,11 @@ class Attention(nn.Module):
             causal = T > 1 and pos == 0
             if T > 1 and pos > 0:  # a chunk after earlier tokens: query i sees keys up to pos + i
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_kv != self.n_heads)
+        if isinstance(mask, BlockMask):
+            y = compiled(flex_attention)(q, k, v, block_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=self.n_kv != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -223,7 +270,7 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None, pos: int = 0,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv, pos, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -256,9 +303,9 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attn_mask: torch.Tensor | BlockMask | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) and, given targets, the mean cross-entropy (ignore_index -100).
-        attn_mask (B, 1, T, T), e.g. document_mask, replaces the plain causal mask.
+        attn_mask (attention_mask's boolean (B, 1, T, T) or BlockMask) replaces the plain causal mask.
         With targets the logits come back in fp32, the copy the loss is computed on: under mixed
         precision Accelerate converts a model's half outputs to fp32, a second copy of the largest
         tensor of the step (2.4% of a bf16 step on CPU) that nobody reads."""
@@ -270,7 +317,7 @@ class Transformer(nn.Module):
         return logits, loss
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                      attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attn_mask: torch.Tensor | BlockMask | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, hidden). With a cache, input_ids continue the sequence
         held in it (positions cache.pos..) and their keys and values are appended."""
         pos = cache.pos if cache is not None else 0

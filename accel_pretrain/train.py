@@ -36,7 +36,7 @@ from .data import TokenData, check_same_tokenizer, step_windows
 from .errors import UserError, run_cli
 from .evaluate import metrics, score
 from .memory import GIB, free_bytes, generous_bound, largest_micro_batch, step_memory
-from .model import Transformer, document_mask
+from .model import Transformer, attention_mask
 from .optim import apply_config_to_schedule, build_optimizer, build_scheduler, lr_at, wsd_decay_start
 from .tracking import RunLog, peak_flops, read_log, trackers_for
 
@@ -326,7 +326,7 @@ def memory_verdict(cfg: TrainConfig, model: Transformer, accelerator) -> str | N
         return None
     kind, world = accelerator.distributed_type.name, accelerator.num_processes
     need = step_memory(cfg, accelerator.mixed_precision, shards=world if kind in ("FSDP", "DEEPSPEED") else 1,
-                       bucket_copy=kind == "MULTI_GPU" and world > 1)
+                       bucket_copy=kind == "MULTI_GPU" and world > 1, flex=device.type == "cuda")
     room = (free + resident) / margin  # what the counted tensors may take
     if need.total <= room:
         return None
@@ -602,7 +602,7 @@ def optimizer_step(run: Run, batch: torch.Tensor, step: int) -> StepResult:
         xy = batch[micro * mb:(micro + 1) * mb]
         x, y = xy[:, :-1], xy[:, 1:]
         with accelerator.accumulate(model):
-            _, loss = model(x, y, document_mask(x, run.eos))
+            _, loss = model(x, y, attention_mask(x, run.eos))
             accelerator.backward(loss)
             loss_sum += loss.detach()
             if accelerator.sync_gradients:

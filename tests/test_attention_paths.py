@@ -1,0 +1,86 @@
+"""Document masking on a GPU goes through flex_attention with a BlockMask; on a CPU through SDPA
+with a boolean mask (flex_attention has no backward there). What a CPU can prove of the GPU path:
+the BlockMask is the boolean mask, tile by tile and element by element, on the block sizes used
+(a multiple of 128 and not), the compiled flex_attention forward equals the masked SDPA, both are
+compiled once per shape, and the path is chosen by the device."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.nn.attention.flex_attention import BlockMask, create_mask
+
+from accel_pretrain import model as model_module
+from accel_pretrain.config import ModelConfig
+from accel_pretrain.model import Transformer, attention_mask, document_block_mask, document_mask
+
+EOS = 1
+
+
+def windows(batch: int, T: int, seed: int) -> torch.Tensor:
+    """Windows with documents of every kind: one that starts at 0, two EOS in a row, one across a
+    tile border, one that ends at the last position, and a window that is one document."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 60, (batch, T), generator=g)
+    ids[0, [0, 127, 128, 129, T // 2]] = EOS
+    ids[1, [5, T - 1]] = EOS
+    return ids
+
+
+def tiles(mask: torch.Tensor, size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, q tiles, kv tiles) booleans: tiles with any allowed score, tiles with only allowed ones
+    (cells past T, in a last partial tile, count as allowed)."""
+    B, _, T, _ = mask.shape
+    n = -(-T // size)
+    padded = torch.ones(B, n * size, n * size, dtype=torch.bool)
+    padded[:, :T, :T] = mask[:, 0]
+    blocks = padded.view(B, n, size, n, size).transpose(2, 3)
+    real = torch.zeros(B, n * size, n * size, dtype=torch.bool)
+    real[:, :T, :T] = mask[:, 0]
+    return real.view(B, n, size, n, size).transpose(2, 3).any(-1).any(-1), blocks.all(-1).all(-1)
+
+
+def full_tiles(bm: BlockMask) -> torch.Tensor:
+    B, _, n = bm.full_kv_num_blocks.shape
+    dense = torch.zeros(B, n, bm.full_kv_indices.shape[-1], dtype=torch.bool)
+    for b in range(B):
+        for i in range(n):
+            dense[b, i, bm.full_kv_indices[b, 0, i, :bm.full_kv_num_blocks[b, 0, i]]] = True
+    return dense
+
+
+@pytest.mark.parametrize("T", [256, 1000])
+def test_block_mask_is_the_boolean_mask(T):
+    ids = windows(2, T, seed=T)
+    expected = document_mask(ids, EOS)
+    calls = counters["frames"]["total"]
+    bm = document_block_mask(ids, EOS)
+    assert torch.equal(create_mask(bm.mask_mod, 2, 1, T, T, device="cpu"), expected)
+    kept, full = tiles(expected)
+    assert torch.equal(bm.to_dense()[:, 0].bool(), kept)  # empty tiles are skipped, every other one is computed
+    assert not (full_tiles(bm) & ~full).any()  # a tile computed without its mask must allow every score
+    assert full_tiles(bm).sum() >= full[:, :T // 128, :T // 128].sum()  # and every whole such tile is one
+    assert bm.to_dense()[0, 0].sum() < (-(-T // 128)) * (-(-T // 128) + 1) // 2  # documents skip causal tiles
+    document_block_mask(windows(2, T, seed=T + 1), EOS)  # other documents, same shape: no second compilation
+    assert counters["frames"]["total"] == calls + 1
+
+
+def test_flex_forward_equals_masked_sdpa_and_the_path_follows_the_device(monkeypatch):
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = Transformer(cfg).eval()
+    ids = windows(2, 256, seed=0) % 64
+    assert attention_mask(ids, None) is None
+    assert isinstance(attention_mask(ids, EOS), torch.Tensor)  # a CPU: SDPA's boolean mask
+    with torch.no_grad():
+        sdpa, _ = model(ids, None, attention_mask(ids, EOS))
+        monkeypatch.setattr(model_module, "runs_flex", lambda device: True)  # as on CUDA
+        mask = attention_mask(ids, EOS)
+        assert isinstance(mask, BlockMask)
+        calls = counters["frames"]["total"]
+        flex, _ = model(ids, None, mask)
+        model(windows(2, 256, seed=1) % 64, None, attention_mask(windows(2, 256, seed=1) % 64, EOS))
+    assert counters["frames"]["total"] == calls + 1  # flex_attention compiled once for all layers and steps
+    torch.testing.assert_close(flex, sdpa, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
+    assert model_module.runs_flex(torch.device("cuda")) and not model_module.runs_flex(torch.device("cpu"))
