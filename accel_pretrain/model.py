@@ -239,8 +239,9 @@ class Attention(nn.Module):
             causal = T > 1 and pos == 0
             if T > 1 and pos > 0:  # a chunk after earlier tokens: query i sees keys up to pos + i
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
-        if isinstance(mask, BlockMask):
-            y = compiled(flex_attention)(q, k, v, block_mask=mask, enable_gqa=self.n_kv != self.n_heads)
+        if isinstance(mask, BlockMask):  # q, k in v's dtype (QK-norm gives fp32 under autocast): pytorch#176025
+            y = compiled(flex_attention)(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask,
+                                         enable_gqa=self.n_kv != self.n_heads)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                enable_gqa=self.n_kv != self.n_heads)
