@@ -143,6 +143,8 @@ class TrainConfig:
                                                 "rest (about a third more compute, a fraction of the memory)")
     document_masking: bool = opt(False, "attend only within each document of a window (documents end at EOS)")
     peak_flops: float | None = opt(None, "peak FLOP/s per device for MFU (default: looked up for known GPUs)")
+    time_limit: str | None = opt(None, "wall-clock limit of this job (3600, 90m, 23:55:00, 1-00:00:00): save and stop "
+                                       "before it, as before SLURM's end of the job (SLURM_JOB_END_TIME)")
     overwrite: bool = opt(False, "replace an existing run in --out")
     model: ModelConfig = field(default_factory=ModelConfig)
 

@@ -15,92 +15,36 @@ import os
 import pickle
 import platform
 import re
-import shutil
-import signal
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, NoReturn
 
-import numpy as np
 import torch
 
 from . import __version__
-from .checkpoint import checkpoint_step, list_checkpoints, read_state, resolve_checkpoint, save_checkpoint
-from .config import (MODEL_FIELDS, TRAIN_FIELDS, TrainConfig, changes, flatten, help_text, model_config_from_dict, resolve,
-                     resolve_precision, save_json)
+from .checkpoint import list_checkpoints, save_checkpoint
+from .config import (MODEL_FIELDS, TrainConfig, changes, flatten, help_text, model_config_from_dict, resolve,
+                     resolve_precision)
 from .data import TokenData, check_same_tokenizer, step_windows
 from .errors import UserError, run_cli
 from .evaluate import metrics, score
 from .memory import GIB, free_bytes, generous_bound, largest_micro_batch, step_memory
 from .model import Transformer, attention_mask
-from .optim import apply_config_to_schedule, build_optimizer, build_scheduler, lr_at, wsd_decay_start
+from .optim import apply_config_to_schedule, build_optimizer, build_scheduler
+from .rundir import check_steps, claim_run_dir, write_run_dir
+from .stopping import Deadline, StopRequest, StopVote, parse_duration
 from .tracking import RunLog, peak_flops, read_log, trackers_for
 
 # Peak resident memory over the tensors counted by memory.step_memory: glibc's heap and the CPU
 # kernels' own buffers (`mini`, fp32, 256 tokens a window: 1.30x at micro-batch 100 and 1.25x at 200
 # with an 8k vocabulary, 1.23x at 64 with GPT-2's 50k; peak RSS less the RSS at start).
 ALLOCATOR_OVERHEAD = {"cpu": 1.3}
-RUN_FILES = ("config.json", "train_log.jsonl", "checkpoints", "tokenizer")
+SKIP_LIMIT = 25  # fp16: overflowing steps in a row before the run stops
 PRECISION = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + gradient scaler"}
-
-
-class StopRequest:
-    """SIGTERM / Ctrl-C set a flag; the loop checkpoints at the end of the current step and exits.
-    The previous handlers come back when the run ends."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __enter__(self) -> "StopRequest":
-        self.requested = False
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
-
-
-class StopVote:
-    """Whether any rank was asked to stop, agreed by all ranks without waiting for the device.
-
-    Each step, every rank adds its flag to an all-reduce over a gloo group of its own: one integer
-    in host memory, summed by gloo's thread while the step's kernels run, never queued behind them
-    on a GPU stream. The sum is read one step later, when it is long done: no host-device sync,
-    whatever the world size. All ranks read the same vote at the same step, so all stop and save
-    the same step (one step after the signal). One process needs no vote: its flag is the answer."""
-
-    def __init__(self, world: int) -> None:
-        import torch.distributed as dist
-
-        self.group = dist.new_group(backend="gloo") if world > 1 else None
-        self.pending: tuple[Any, np.ndarray] | None = None
-
-    def __call__(self, flag: bool) -> bool:
-        """Cast this step's flag; True when the vote cast a step ago had a rank asking to stop."""
-        if self.group is None:
-            return flag
-        import torch.distributed as dist
-
-        agreed = self.result()
-        votes = np.array([int(flag)], dtype=np.int64)
-        self.pending = (dist.all_reduce(torch.from_numpy(votes), group=self.group, async_op=True), votes)
-        return agreed
-
-    def result(self) -> bool:
-        """Wait for the vote in flight (if any) and read it from host memory."""
-        if self.pending is None:
-            return False
-        work, votes = self.pending
-        work.wait()
-        self.pending = None
-        return bool(votes[0])
 
 
 class SpikeWatch:
@@ -160,78 +104,6 @@ def param_checksum(model: torch.nn.Module) -> float:
     return float(sum(p.detach().double().sum() for p in model.parameters()))
 
 
-def prepare_run_dir(cfg: TrainConfig) -> Path | None:
-    """Check the run directory before anything is written; return the checkpoint to resume from."""
-    run = Path(cfg.out)
-    has_run = run.is_dir() and any((run / name).exists() for name in RUN_FILES)
-    if cfg.resume == "auto":  # a (re)queued job: continue when there is something to continue
-        if list_checkpoints(run):
-            return resolve_checkpoint(run)
-        cfg.resume, cfg.overwrite = None, True  # nothing to lose: no checkpoint was ever written
-        return None
-    if cfg.resume:
-        if cfg.resume == "latest":
-            if not list_checkpoints(run):
-                raise UserError(f"--resume: {run} holds no checkpoint (the run stopped before its first save); "
-                                "start it again with --overwrite")
-            return resolve_checkpoint(run)
-        return resolve_checkpoint(cfg.resume)
-    if has_run and not cfg.overwrite and not list_checkpoints(run) and started_but_no_step(run):
-        cfg.overwrite = True  # our run that ended before its first optimizer step (a failed start): nothing to lose
-        return None
-    if has_run and not cfg.overwrite:
-        if not list_checkpoints(run):
-            raise UserError(f"{run} holds a run that stopped before its first checkpoint; pass --overwrite to start "
-                            "over, or choose another --out")
-        raise UserError(f"{run} already holds a run; pass --resume to continue it or --overwrite to start over")
-    return None
-
-
-def started_but_no_step(run: Path) -> bool:
-    """Whether RUN holds a run of ours (train_log.jsonl opening with our header) that logged no
-    optimizer step (step 1 is always logged): a start that failed, e.g. out of memory or killed."""
-    path = run / "train_log.jsonl"
-    records = [r for r in read_log(path) if isinstance(r, dict)] if path.is_file() else []
-    return bool(records) and records[0].get("event") == "run" and not any("loss" in r for r in records)
-
-
-def check_steps(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> bool:
-    """For a resume: False when the checkpoint is already at max_steps (nothing to do: a requeued
-    job that finished, or a resume without a larger --max_steps), after refusing a --max_steps
-    below the checkpoint's step, which would rewrite the run's record for nothing."""
-    step = int(state.get("step", 0))
-    if cfg.max_steps > step:
-        warn_wsd_rewarm(cfg, ckpt, state)
-        return True
-    if cfg.max_steps < step:
-        raise UserError(f"--max_steps {cfg.max_steps} is below step {step} of {ckpt}; nothing changed "
-                        f"(pass a --max_steps above {step} to extend the run)")
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"run complete at step {step}; raise --max_steps to extend it", flush=True)
-    return False
-
-
-def warn_wsd_rewarm(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> None:
-    """Extending a WSD run from inside its decay would send the lr from the decayed value back up
-    to the peak: say so, and name the way around it, before anything is written."""
-    saved = state.get("config") or {}
-    step = int(state.get("step", 0))
-    if cfg.lr_schedule != "wsd" or saved.get("lr_schedule") != "wsd" or saved.get("max_steps", 0) >= cfg.max_steps:
-        return
-    before = TrainConfig(**{k: v for k, v in saved.items() if k in TRAIN_FIELDS})
-    start = wsd_decay_start(before)
-    was, now = lr_at(step - 1, before), lr_at(step, cfg)
-    if step <= start or now <= was * 1.01 or int(os.environ.get("RANK", "0")) != 0:
-        return
-    earlier = [c for c in list_checkpoints(ckpt.parent.parent) if checkpoint_step(c) <= start]
-    where = f"--resume {earlier[-1]}" if earlier else "a checkpoint from before it (none is kept)"
-    print(f"warning: {ckpt.name} is inside this WSD run's decay (it began at step {start} of {saved['max_steps']}); "
-          f"extending to --max_steps {cfg.max_steps} sends the lr from {was:.2e} back up to {now:.2e}. To extend "
-          f"without the jump, restart the decay from {where}, or continue at the decayed lr with --lr {was:g} "
-          f"--min_lr {min(cfg.min_lr, was):g}",
-          file=sys.stderr, flush=True)
-
-
 def check_trackers(report_to: str) -> None:
     """Fail before anything is written when a tracker cannot start (no wandb login, no tensorboard)."""
     if report_to in ("wandb", "all") and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled",
@@ -283,6 +155,9 @@ def configure(argv: list[str]) -> tuple[TrainConfig, TokenData, str]:
     cfg.mixed_precision, why = resolve_precision(cfg.mixed_precision)
     why = "the run's config.json" if from_run else why
     data.check_block_size(cfg.block_size)
+    if cfg.time_limit is not None:
+        cfg.time_limit = str(cfg.time_limit)  # a YAML number of seconds
+        parse_duration(cfg.time_limit)
     if cfg.document_masking and data.meta.get("eos_token_id") is None:
         raise UserError(f"--document_masking needs the EOS id that ends each document; {data.spec} has none in meta.json")
     return cfg, data, why
@@ -392,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__ + "\n" + help_text())
         return 0
     cfg, data, precision_why = configure(argv)
-    with StopRequest() as stop, out_of_memory_as_user_error(cfg):
-        run = setup(cfg, data, precision_why)
+    with StopRequest() as stop, out_of_memory_as_user_error(cfg), ExitStack() as held:
+        run = setup(cfg, data, precision_why, held)
         if run is None:  # nothing left to do: the run is complete
             return 0
         done = run.start_step
@@ -402,12 +277,15 @@ def main(argv: list[str] | None = None) -> int:
             batch = get_batch(run, step)
             result = optimizer_step(run, batch, step)
             done = step + 1
-            stopping = run.vote(stop.requested)
+            run.deadline.step_done()
+            stopping = run.vote(stop.requested or run.deadline.due())
             periodic_actions(run, result, done, stopping)
             if stopping:
-                run.accelerator.print(f"\nstopped by signal at step {done}; checkpoint saved, continue with --resume")
+                why = ("by signal" if stop.requested else "before the time limit" if run.deadline.due()
+                       else "because another process was asked to")
+                run.accelerator.print(f"\nstopped {why} at step {done}; checkpoint saved, continue with --resume")
                 break
-    finish(run, done)
+        finish(run, done)
     return 0
 
 
@@ -430,15 +308,18 @@ class Run:
     eos: int | None  # documents end at EOS when --document_masking
     spikes: SpikeWatch
     vote: StopVote
+    deadline: Deadline
     tokens_seen: int = 0
     t_start: float = field(default_factory=time.perf_counter)
     t_last: float = field(default_factory=time.perf_counter)
     tokens_last: int = 0
-    fp16_skips: int = 0
-    # The first optimizer step whose gradient norm was not finite (0: none), kept on the device and
-    # read only where the loop syncs anyway (log, eval, save): no host sync per step on a GPU.
+    # The first optimizer step whose gradient norm was not finite, or (fp16) that made the gradient
+    # scaler skip SKIP_LIMIT steps in a row (0: none), with its norm; kept on the device and read only
+    # where the loop syncs anyway (log, eval, save): no host sync per step on a GPU.
     bad_step: torch.Tensor | None = None
     bad_norm: torch.Tensor | None = None
+    skipped: torch.Tensor | None = None  # fp16: whether the last step was skipped
+    skip_streak: torch.Tensor | None = None  # fp16: skipped steps in a row
 
     @property
     def dir(self) -> Path:
@@ -458,22 +339,22 @@ class StepResult(NamedTuple):
     lr: float
 
 
-def setup(cfg: TrainConfig, data: TokenData, precision_why: str) -> Run | None:
+def setup(cfg: TrainConfig, data: TokenData, precision_why: str, held: ExitStack) -> Run | None:
     """Run directory, model, optimizer and log, checked in the order that writes nothing before
-    every check has passed; None when a resumed run is already complete."""
-    ckpt = prepare_run_dir(cfg)
-    state: dict[str, Any] = read_state(ckpt) if ckpt else {}
-    if ckpt and not check_steps(cfg, ckpt, state):
-        return None
+    every check has passed; None when a resumed run is already complete. `held` keeps the run
+    directory's lock until the run ends."""
     check_trackers(cfg.report_to)
     accelerator = start_accelerator(cfg)
+    ckpt, state = claim_run_dir(cfg, accelerator, held)
+    if ckpt and not check_steps(cfg, ckpt, state):
+        return None
     model = build_model(cfg, data)
     model.checkpoint_blocks = cfg.activation_checkpointing
     data.check_ids_below(cfg.model.vocab_size)
     if ckpt:
         check_resume(ckpt, state, cfg, data)
     check_memory(cfg, model, accelerator)
-    write_run_dir(cfg, data, accelerator, fresh=not ckpt)
+    write_run_dir(cfg, data, accelerator, fresh=not ckpt, extra=data_mixture(data))
 
     optimizer = build_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
     scheduler = build_scheduler(optimizer, cfg)
@@ -492,12 +373,27 @@ def setup(cfg: TrainConfig, data: TokenData, precision_why: str) -> Run | None:
               flops_per_token=accelerator.unwrap_model(model).flops_per_token(cfg.block_size),
               peak_flops=peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_flops),
               eos=data.meta.get("eos_token_id") if cfg.document_masking else None, spikes=SpikeWatch([]),
-              vote=StopVote(accelerator.num_processes),
+              vote=StopVote(accelerator.num_processes), deadline=Deadline(cfg.time_limit, checkpoint_bytes(model),
+                                                                          process_start()),
               tokens_seen=state.get("tokens_seen", 0), tokens_last=state.get("tokens_seen", 0),
               bad_step=torch.zeros((), dtype=torch.long, device=accelerator.device),
-              bad_norm=torch.zeros((), device=accelerator.device))
+              bad_norm=torch.zeros((), device=accelerator.device),
+              skipped=torch.zeros((), dtype=torch.bool, device=accelerator.device),
+              skip_streak=torch.zeros((), dtype=torch.long, device=accelerator.device))
     open_log(run, ckpt, precision_why)
     return run
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """This process's bytes of a checkpoint: weights and AdamW's two moments (Muon's one is smaller)."""
+    return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def process_start() -> float:
+    """When this process started (Unix time): a --time_limit counts from there, imports included."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def start_accelerator(cfg: TrainConfig):  # noqa: ANN201 (accelerate is imported here, not at module load)
@@ -533,23 +429,6 @@ def allow_tf32(device_type: str, precision: str) -> bool:
     torch.set_float32_matmul_precision("high")
     torch.backends.cudnn.allow_tf32 = True
     return True
-
-
-def write_run_dir(cfg: TrainConfig, data: TokenData, accelerator, fresh: bool) -> None:
-    """The main process clears a run being overwritten, drops half-written checkpoints, and writes
-    config.json and the tokenizer; the others wait for it."""
-    run = Path(cfg.out)
-    if accelerator.is_main_process:
-        if cfg.overwrite and fresh:
-            for name in RUN_FILES:
-                shutil.rmtree(run / name, ignore_errors=True) if (run / name).is_dir() else (run / name).unlink(missing_ok=True)
-        run.mkdir(parents=True, exist_ok=True)
-        for partial in (run / "checkpoints").glob(".partial-*"):  # left by a run killed mid-save
-            shutil.rmtree(partial, ignore_errors=True)
-        save_json(cfg.to_dict() | data_mixture(data), run / "config.json")
-        if not (run / "tokenizer").exists() and (data.dir / "tokenizer").is_dir():
-            shutil.copytree(data.dir / "tokenizer", run / "tokenizer")
-    accelerator.wait_for_everyone()
 
 
 def open_log(run: Run, ckpt: Path | None, precision_why: str) -> None:
@@ -607,20 +486,32 @@ def optimizer_step(run: Run, batch: torch.Tensor, step: int) -> StepResult:
             loss_sum += loss.detach()
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.cfg.grad_clip or math.inf)
-                if accelerator.mixed_precision != "fp16":  # under fp16 the scaler skips such steps itself
-                    new_bad = (run.bad_step == 0) & ~torch.isfinite(grad_norm)
-                    run.bad_step = torch.where(new_bad, step + 1, run.bad_step)
-                    run.bad_norm = torch.where(new_bad, grad_norm.float(), run.bad_norm)
-                run.optimizer.step()
-                run.scheduler.step()
-                run.optimizer.zero_grad(set_to_none=True)
-    if accelerator.mixed_precision == "fp16":
-        run.fp16_skips = run.fp16_skips + 1 if accelerator.optimizer_step_was_skipped else 0
-        if run.fp16_skips > 25:
-            raise_nonfinite(run.log, step + 1, grad_norm, list_checkpoints(run.dir))
+                update(run, grad_norm, step)
     run.tokens_seen += run.tokens_per_step
     run.bar.update(1)
     return StepResult(loss_sum, grad_norm, lr)
+
+
+def update(run: Run, grad_norm: torch.Tensor, step: int) -> None:
+    """Optimizer and schedule. A non-finite gradient norm is recorded on the device (the step is
+    taken: the run stops at the next log, eval or save, before anything is written). Under fp16 the
+    gradient scaler skips such a step itself, and its scale shows it: update() halves the scale
+    exactly when it found an inf or NaN, whether the optimizer's step() ran (Accelerate's
+    optimizer_step_was_skipped) or a fused optimizer skipped internally (which Accelerate cannot
+    see). SKIP_LIMIT skipped steps in a row stop the run like a non-finite norm."""
+    scaler = run.accelerator.scaler
+    scale = scaler._scale.clone() if scaler is not None else None
+    if scaler is None:
+        new_bad = (run.bad_step == 0) & ~torch.isfinite(grad_norm)
+    run.optimizer.step()
+    if scaler is not None:
+        run.skipped = scaler._scale < scale
+        run.skip_streak = torch.where(run.skipped, run.skip_streak + 1, 0)
+        new_bad = (run.bad_step == 0) & (run.skip_streak > SKIP_LIMIT)
+    run.bad_step = torch.where(new_bad, step + 1, run.bad_step)
+    run.bad_norm = torch.where(new_bad, grad_norm.float(), run.bad_norm)
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
 
 
 def periodic_actions(run: Run, result: StepResult, done: int, stopping: bool) -> None:
@@ -631,7 +522,7 @@ def periodic_actions(run: Run, result: StepResult, done: int, stopping: bool) ->
     evaluating = done % cfg.eval_interval == 0 or done == cfg.max_steps
     saving = done % cfg.save_interval == 0 or done == cfg.max_steps or stopping
     if (logging or evaluating or saving) and (first := int(run.bad_step)):
-        raise_nonfinite(run.log, first, run.bad_norm, list_checkpoints(run.dir))
+        raise_nonfinite(run, first)
     if logging:
         log_step(run, result, done)
     if evaluating:
@@ -639,7 +530,9 @@ def periodic_actions(run: Run, result: StepResult, done: int, stopping: bool) ->
         if run.accelerator.is_main_process:
             run.bar.write(f"step {done}: val_loss {m['loss']:.4f}, ppl {m['perplexity']:.2f}")
     if saving:
+        started = time.monotonic()
         save_checkpoint(run.accelerator, run.dir, done, train_state(run, done), cfg.keep_checkpoints)
+        run.deadline.saved(time.monotonic() - started)
 
 
 def log_step(run: Run, result: StepResult, done: int) -> None:
@@ -654,8 +547,8 @@ def log_step(run: Run, result: StepResult, done: int) -> None:
               "lr": result.lr, "grad_norm": result.grad_norm.item(), "tokens_per_s": tps,
               "mfu": run.flops_per_token * tps / accelerator.num_processes / peak if peak else None,
               "elapsed_s": run.state.get("elapsed_s", 0.0) + now - run.t_start}
-    if accelerator.mixed_precision == "fp16":
-        record["skipped_step"] = accelerator.optimizer_step_was_skipped
+    if accelerator.scaler is not None:
+        record["skipped_step"] = bool(run.skipped)
     run.log.write(record)
     if (spike := run.spikes.check(record["loss"])) and accelerator.is_main_process:
         run.log.write({"event": "spike", "step": done, "median": spike})  # the step's own line has the loss
@@ -707,10 +600,15 @@ def finish(run: Run, done: int) -> None:
     accelerator.end_training()
 
 
-def raise_nonfinite(log: RunLog, step: int, grad_norm: torch.Tensor, ckpt_dir: list[Path]) -> None:
-    last = ckpt_dir[-1] if ckpt_dir else None
-    log.write({"event": "nonfinite", "step": step, "grad_norm": float(grad_norm)})
-    where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+def raise_nonfinite(run: Run, step: int) -> NoReturn:
+    """Stop a run whose gradients went non-finite, with its record in train_log.jsonl."""
+    saved = list_checkpoints(run.dir)
+    run.log.write({"event": "nonfinite", "step": step, "grad_norm": float(run.bad_norm)})
+    where = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
+    if run.accelerator.scaler is not None:
+        raise UserError(f"fp16: the gradients overflowed on {SKIP_LIMIT + 1} steps in a row (the gradient scaler "
+                        f"skipped them) up to step {step}; stopped without saving ({where}); --resume with a lower "
+                        "--lr, or train in bf16")
     raise UserError(f"non-finite loss or gradient norm at step {step}; stopped without saving ({where}); "
                     "--resume with a lower --lr")
 

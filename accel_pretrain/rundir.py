@@ -1,0 +1,193 @@
+"""The run directory: who may write it, where a run starts, and its first files.
+
+One job at a time: rank 0 holds an exclusive lock on RUN/.lock for the whole run (a POSIX lock,
+which the kernel drops when the process dies, and which NFS and Lustre with `flock` honour across
+machines), so a requeued job that overlaps its predecessor, or a second sbatch of the same command,
+is refused with one line naming the holder instead of deleting its partial checkpoints and
+rewriting its log. Rank 0 alone decides where the run starts and broadcasts it: ranks on a
+filesystem that lags would otherwise see different latest checkpoints."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import socket
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import checkpoint_step, list_checkpoints, read_state, resolve_checkpoint
+from .config import TRAIN_FIELDS, TrainConfig, save_json
+from .data import TokenData
+from .errors import UserError
+from .optim import lr_at, wsd_decay_start
+from .tracking import read_log
+
+RUN_FILES = ("config.json", "train_log.jsonl", "checkpoints", "tokenizer")
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on RUN/.lock, held from before the run directory is read until the process
+    ends. The file keeps the holder's host, pid and start time for the refusal of the next one. A
+    failed start removes the lock file (and the directory) it created."""
+
+    def __init__(self, run: Path) -> None:
+        self.run, self.fd, self.created, self.new_file = Path(run), None, False, False
+
+    def __enter__(self) -> "RunLock":
+        self.created = not self.run.exists()
+        try:
+            self.run.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the run directory {self.run} ({e.strerror or e})") from None
+        path = self.run / LOCK_FILE
+        self.new_file = not path.exists()
+        while self.fd is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                os.close(fd)
+                if e.errno in (errno.EACCES, errno.EAGAIN):
+                    raise UserError(f"{self.run} is in use by another run ({holder or 'holder unknown'}); wait for "
+                                    "it to end, or choose another --out") from None
+                print(f"warning: the filesystem of {self.run} does not support locks ({e.strerror}); nothing stops "
+                      "a second job from writing the same run", file=sys.stderr, flush=True)
+                return self
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:  # removed by a failed start meanwhile: lock the new one
+                os.close(fd)
+                continue
+            self.fd = fd
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"host {socket.gethostname()}, pid {os.getpid()}, since "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc: Any) -> None:
+        if self.fd is None:
+            return
+        if exc_type is not None and self.new_file:  # a failed start leaves nothing of its own behind
+            (self.run / LOCK_FILE).unlink(missing_ok=True)  # unlinked while locked: a waiting start locks anew
+            if self.created and not any(self.run.iterdir()):
+                self.run.rmdir()
+        os.close(self.fd)  # releases the lock
+        self.fd = None
+
+
+def claim_run_dir(cfg: TrainConfig, accelerator, held: ExitStack) -> tuple[Path | None, dict[str, Any]]:
+    """Rank 0 takes the run's lock (kept in `held` until the run ends) and decides where the run
+    starts; every rank gets the same decision, or the same error. Returns the checkpoint to resume
+    from (None: a fresh start) and its train state."""
+    from accelerate.utils import broadcast_object_list
+
+    decision: list[Any] = [None]
+    if accelerator.is_main_process:
+        try:
+            held.enter_context(RunLock(Path(cfg.out)))
+            ckpt = prepare_run_dir(cfg)
+            decision = [{"ckpt": str(ckpt) if ckpt else None, "state": read_state(ckpt) if ckpt else {},
+                         "resume": cfg.resume, "overwrite": cfg.overwrite}]
+        except UserError as e:
+            decision = [{"error": str(e)}]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(decision)
+    if "error" in decision[0]:
+        raise UserError(decision[0]["error"])
+    cfg.resume, cfg.overwrite = decision[0]["resume"], decision[0]["overwrite"]
+    return (Path(decision[0]["ckpt"]) if decision[0]["ckpt"] else None), decision[0]["state"]
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path | None:
+    """Check the run directory before anything is written; return the checkpoint to resume from."""
+    run = Path(cfg.out)
+    has_run = run.is_dir() and any((run / name).exists() for name in RUN_FILES)
+    if cfg.resume == "auto":  # a (re)queued job: continue when there is something to continue
+        if list_checkpoints(run):
+            return resolve_checkpoint(run)
+        cfg.resume, cfg.overwrite = None, True  # nothing to lose: no checkpoint was ever written
+        return None
+    if cfg.resume:
+        if cfg.resume == "latest":
+            if not list_checkpoints(run):
+                raise UserError(f"--resume: {run} holds no checkpoint (the run stopped before its first save); "
+                                "start it again with --overwrite")
+            return resolve_checkpoint(run)
+        return resolve_checkpoint(cfg.resume)
+    if has_run and not cfg.overwrite and not list_checkpoints(run) and started_but_no_step(run):
+        cfg.overwrite = True  # our run that ended before its first optimizer step (a failed start): nothing to lose
+        return None
+    if has_run and not cfg.overwrite:
+        if not list_checkpoints(run):
+            raise UserError(f"{run} holds a run that stopped before its first checkpoint; pass --overwrite to start "
+                            "over, or choose another --out")
+        raise UserError(f"{run} already holds a run; pass --resume to continue it or --overwrite to start over")
+    return None
+
+
+def started_but_no_step(run: Path) -> bool:
+    """Whether RUN holds a run of ours (train_log.jsonl opening with our header) that logged no
+    optimizer step (step 1 is always logged): a start that failed, e.g. out of memory or killed."""
+    path = run / "train_log.jsonl"
+    records = [r for r in read_log(path) if isinstance(r, dict)] if path.is_file() else []
+    return bool(records) and records[0].get("event") == "run" and not any("loss" in r for r in records)
+
+
+def check_steps(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> bool:
+    """For a resume: False when the checkpoint is already at max_steps (nothing to do: a requeued
+    job that finished, or a resume without a larger --max_steps), after refusing a --max_steps
+    below the checkpoint's step, which would rewrite the run's record for nothing."""
+    step = int(state.get("step", 0))
+    if cfg.max_steps > step:
+        warn_wsd_rewarm(cfg, ckpt, state)
+        return True
+    if cfg.max_steps < step:
+        raise UserError(f"--max_steps {cfg.max_steps} is below step {step} of {ckpt}; nothing changed "
+                        f"(pass a --max_steps above {step} to extend the run)")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run complete at step {step}; raise --max_steps to extend it", flush=True)
+    return False
+
+
+def warn_wsd_rewarm(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> None:
+    """Extending a WSD run from inside its decay would send the lr from the decayed value back up
+    to the peak: say so, and name the way around it, before anything is written."""
+    saved = state.get("config") or {}
+    step = int(state.get("step", 0))
+    if cfg.lr_schedule != "wsd" or saved.get("lr_schedule") != "wsd" or saved.get("max_steps", 0) >= cfg.max_steps:
+        return
+    before = TrainConfig(**{k: v for k, v in saved.items() if k in TRAIN_FIELDS})
+    start = wsd_decay_start(before)
+    was, now = lr_at(step - 1, before), lr_at(step, cfg)
+    if step <= start or now <= was * 1.01 or int(os.environ.get("RANK", "0")) != 0:
+        return
+    earlier = [c for c in list_checkpoints(ckpt.parent.parent) if checkpoint_step(c) <= start]
+    where = f"--resume {earlier[-1]}" if earlier else "a checkpoint from before it (none is kept)"
+    print(f"warning: {ckpt.name} is inside this WSD run's decay (it began at step {start} of {saved['max_steps']}); "
+          f"extending to --max_steps {cfg.max_steps} sends the lr from {was:.2e} back up to {now:.2e}. To extend "
+          f"without the jump, restart the decay from {where}, or continue at the decayed lr with --lr {was:g} "
+          f"--min_lr {min(cfg.min_lr, was):g}",
+          file=sys.stderr, flush=True)
+
+
+def write_run_dir(cfg: TrainConfig, data: TokenData, accelerator, fresh: bool, extra: dict[str, Any]) -> None:
+    """The main process clears a run being overwritten, drops half-written checkpoints, and writes
+    config.json and the tokenizer; the others wait for it."""
+    run = Path(cfg.out)
+    if accelerator.is_main_process:
+        if cfg.overwrite and fresh:
+            for name in RUN_FILES:
+                shutil.rmtree(run / name, ignore_errors=True) if (run / name).is_dir() else (run / name).unlink(missing_ok=True)
+        run.mkdir(parents=True, exist_ok=True)
+        for partial in (run / "checkpoints").glob(".partial-*"):  # left by a run killed mid-save
+            shutil.rmtree(partial, ignore_errors=True)
+        save_json(cfg.to_dict() | extra, run / "config.json")
+        if not (run / "tokenizer").exists() and (data.dir / "tokenizer").is_dir():
+            shutil.copytree(data.dir / "tokenizer", run / "tokenizer")
+    accelerator.wait_for_everyone()
+
+
