@@ -1,0 +1,186 @@
+"""A run directory shared by ranks and by jobs, and the ends a cluster puts to a job: one job at a
+time per --out (a lock naming the holder), rank 0 alone deciding where a run starts, a time limit
+the trainer obeys itself, SLURM's port per job, and fp16 overflow seen as the gradient scaler sees it."""
+from __future__ import annotations
+
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from accel_pretrain.checkpoint import list_checkpoints
+from accel_pretrain.stopping import parse_duration
+from accel_pretrain.tracking import read_log
+from tests.helpers import ROOT, TINY, launch, train, weights
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_jobs_on_one_out_the_second_is_refused_and_the_first_ends_as_alone(tmp_path, data_dir):
+    """A requeued job overlapping its predecessor, or the same sbatch twice: both `--resume auto` on
+    one --out, started at once. One trains; the other refuses with one line naming the holder's
+    host and pid, and the run ends bit-identical to the same run alone."""
+    args = ["--data", data_dir, *TINY, "--max_steps", 300, "--eval_interval", 100, "--save_interval", 100,
+            "--log_interval", 50, "--resume", "auto"]
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "accel_pretrain.train", *map(str, args), "--out"]
+    subprocess.run([*cmd, str(tmp_path / "alone")], cwd=ROOT, env=ENV, capture_output=True, check=True, timeout=300)
+    cmd.append(str(run))
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p, *p.communicate(timeout=300)) for p in procs]
+    refused = [(p, err) for p, _, err in results if p.returncode == 2]
+    assert len(refused) == 1 and sorted(p.returncode for p in procs) == [0, 2], results
+    winner = next(p for p in procs if p.returncode == 0)
+    line = refused[0][1].strip()
+    assert re.fullmatch(rf"error: {re.escape(str(run))} is in use by another run \(host {re.escape(socket.gethostname())}, "
+                        rf"pid {winner.pid}, since [\d:\- ]+\); wait for it to end, or choose another --out", line), line
+    a, b = weights(list_checkpoints(tmp_path / "alone")[-1]), weights(list_checkpoints(run)[-1])
+    assert list_checkpoints(run)[-1].name == "step_0000300" and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r for r in read_log(run / "train_log.jsonl") if r.get("event") in ("run", "resume")][0]["event"] == "run"
+
+
+def test_a_refused_start_leaves_no_lock_behind(tmp_path, data_dir):
+    """A start refused before it writes anything removes the lock file and the directory it made."""
+    assert train("--data", data_dir, "--out", tmp_path / "new", *TINY, "--resume", "latest") == 2
+    assert not (tmp_path / "new").exists()
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")  # someone's folder, not a run of ours
+    assert train("--data", data_dir, "--out", folder, *TINY) == 2
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
+
+
+def test_rank_0_decides_where_the_run_starts(tmp_path, data_dir):
+    """Rank 1 sees no checkpoint (a filesystem that lags); rank 0 sees step 4. Both resume from 4."""
+    run = tmp_path / "run"
+    args = ["--data", data_dir, "--out", run, *TINY, "--eval_interval", 100, "--save_interval", 4]
+    proc = launch("cpu_ddp.yaml", *args, "--max_steps", 4, extra=["--main_process_port", str(_free_port())])
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"), "--main_process_port", str(_free_port()),
+           "-m", "tests.lagging_fs", *map(str, args), "--max_steps", "6", "--resume", "auto"]
+    lagging = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert lagging.returncode == 0, lagging.stdout + lagging.stderr
+    log = read_log(run / "train_log.jsonl")
+    assert [r["step"] for r in log if r.get("event") == "resume"] == [4]
+    end = [r for r in log if r.get("event") == "end"][-1]
+    assert end["step"] == 6 and end["param_checksums"][0] == end["param_checksums"][1]
+
+
+@pytest.mark.parametrize("text, seconds", [("3600", 3600), ("90m", 5400), ("1.5h", 5400), ("23:55:00", 86100),
+                                           ("1-12:00:00", 129600), ("45s", 45)])
+def test_time_limits_in_every_form(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_a_bad_time_limit_is_one_line(tmp_path, data_dir, capsys):
+    assert train("--data", data_dir, "--out", tmp_path / "run", *TINY, "--time_limit", "soon") == 2
+    assert capsys.readouterr().err.strip() == ("error: time_limit must be seconds, a number with s/m/h/d, or "
+                                               "[D-]HH:MM:SS (got 'soon')")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("source", ["--time_limit", "SLURM_JOB_END_TIME"])
+def test_a_time_limited_job_saves_and_stops_before_its_end(tmp_path, data_dir, source):
+    """No signal: the trainer itself stops with a margin (two steps, two saves, 30 s) before the end,
+    given as --time_limit (from the process start) or as SLURM's end time of the job, and saves."""
+    run, limit = tmp_path / "run", 45
+    args = [*TINY, "--max_steps", 10 ** 6, "--eval_interval", 10 ** 6, "--save_interval", 10 ** 6, "--log_interval", 100]
+    env = dict(ENV)
+    if source == "--time_limit":
+        args += ["--time_limit", limit]
+    else:
+        env["SLURM_JOB_END_TIME"] = str(int(time.time()) + limit)
+        args += ["--time_limit", "1d"]  # the earlier of the two ends counts
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "accel_pretrain.train", "--data", str(data_dir), "--out", str(run),
+                           *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    took = time.time() - started
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    step = int(re.search(r"stopped before the time limit at step (\d+); checkpoint saved", proc.stdout)[1])
+    assert list_checkpoints(run)[-1].name == f"step_{step:07d}" and step > 10
+    assert took < limit - 25, took  # the 30 s margin, less the time the launch itself took
+
+
+def test_launch_node_takes_its_port_from_the_job_id(tmp_path):
+    """Two jobs on one node must not both listen on 29500: without MAIN_PORT the port is 20000 plus
+    the job id modulo 10000 (below Linux's ephemeral ports, 32768 and up)."""
+    stub = tmp_path / "accelerate"
+    stub.write_text("#!/bin/bash\necho \"$@\"\n")
+    stub.chmod(0o755)
+    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "SLURM_NODEID": "0", "SLURM_NNODES": "2",
+           "SLURM_JOB_ID": "1234567", "MAIN_ADDR": "10.0.0.1", "GPUS_PER_NODE": "4"}
+    out = subprocess.run(["bash", "slurm/launch_node.sh", "--out", "x"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert "--main_process_port 24567 " in out and "--num_processes 8 --machine_rank 0" in out
+    env["MAIN_PORT"] = "31000"
+    out = subprocess.run(["bash", "slurm/launch_node.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert "--main_process_port 31000 " in out
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp16_overflow_is_seen_through_the_scale_and_stops_the_run(tmp_path, data_dir, monkeypatch, capsys, fused):
+    """Accelerate's fp16 path (its GradScaler, here torch.amp.GradScaler("cpu"), and fp16 autocast),
+    with AdamW fused as on a GPU (the scaler hands it found_inf and it skips the step inside, so
+    Accelerate's optimizer_step_was_skipped stays False) and unfused: from step 4 every gradient is
+    inf. Steps 4 on are logged as skipped, the weights do not move, and after 25 skipped steps in a
+    row the run stops with one line."""
+    from accel_pretrain import train as train_module
+
+    start, build_optimizer, build_model = (train_module.start_accelerator, train_module.build_optimizer,
+                                           train_module.build_model)
+    seen = {}
+
+    def fp16_accelerator(cfg):  # noqa: ANN001, ANN202
+        accelerator = start(cfg)  # Accelerate refuses fp16 on a CPU; its state is set as on a GPU
+        accelerator.state._mixed_precision = "fp16"
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu")
+        seen["accelerator"] = accelerator
+        return accelerator
+
+    def poisoned(cfg, data):  # noqa: ANN001, ANN202
+        model = build_model(cfg, data)
+        calls = [0]
+
+        def inf_from_step_4(grad: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            if calls[0] == 4:  # the weights as step 3 left them
+                seen["before"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return grad * math.inf if calls[0] > 3 else grad
+        model.norm.weight.register_hook(inf_from_step_4)
+        seen["model"] = model
+        return model
+
+    monkeypatch.setattr(train_module, "start_accelerator", fp16_accelerator)
+    monkeypatch.setattr(train_module, "build_optimizer", lambda m, c, **_: build_optimizer(m, c, fused=fused))
+    monkeypatch.setattr(train_module, "build_model", poisoned)
+    run = tmp_path / "run"
+    code = train("--data", data_dir, "--out", run, *TINY, "--max_steps", 100, "--eval_interval", 100,
+                 "--save_interval", 100)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["error: fp16: the gradients overflowed on 26 steps in a row (the gradient scaler "
+                                 "skipped them) up to step 29; stopped without saving (no checkpoint was written "
+                                 "yet); --resume with a lower --lr, or train in bf16"], err
+    log = read_log(run / "train_log.jsonl")
+    assert [r["skipped_step"] for r in log if "loss" in r] == [False] * 3 + [True] * 25  # step 29 stops, unlogged
+    assert log[-1]["event"] == "nonfinite" and log[-1]["step"] == 29
+    after = seen["model"].state_dict()
+    assert all(torch.equal(after[k], v) for k, v in seen["before"].items())
+    assert seen["accelerator"].optimizer_step_was_skipped is not fused  # what Accelerate alone would report
+    assert seen["accelerator"].scaler.get_scale() == 2.0 ** 16 / 2 ** 26
