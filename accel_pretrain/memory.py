@@ -77,7 +77,7 @@ def step_memory(train: TrainConfig, precision: str, shards: int = 1, bucket_copy
                 flex: bool = False) -> StepMemory:
     """The peak of two optimizer steps of `train` (its model, optimizer, micro-batch, accumulation,
     document masking and activation checkpointing) under `precision`, on fake tensors. With
-    `shards` > 1 (FSDP, DeepSpeed) weights, gradients and optimizer state are divided among the
+    `shards` > 1 (FSDP) weights, gradients and optimizer state are divided among the
     processes; `bucket_copy` adds DDP's gradient buckets (a second copy of the gradients). `flex`:
     document masking runs in flex_attention (CUDA), which saves what causal attention saves (q, k,
     v, output and log-sum-exp) and keeps no mask per layer, so it is counted as causal attention."""

@@ -200,7 +200,7 @@ def memory_verdict(cfg: TrainConfig, model: Transformer, accelerator) -> str | N
     if generous_bound(cfg.model, mb, T, cfg.document_masking) * margin <= free + resident:
         return None
     kind, world = accelerator.distributed_type.name, accelerator.num_processes
-    need = step_memory(cfg, accelerator.mixed_precision, shards=world if kind in ("FSDP", "DEEPSPEED") else 1,
+    need = step_memory(cfg, accelerator.mixed_precision, shards=world if kind == "FSDP" else 1,
                        bucket_copy=kind == "MULTI_GPU" and world > 1, flex=device.type == "cuda")
     room = (free + resident) / margin  # what the counted tensors may take
     if need.total <= room:
@@ -397,6 +397,10 @@ def process_start() -> float:
 
 
 def start_accelerator(cfg: TrainConfig):  # noqa: ANN201 (accelerate is imported here, not at module load)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise UserError("DeepSpeed is not supported; use accelerate_configs/fsdp.yaml (FSDP2 shards weights, gradients "
+                        "and optimizer state like ZeRO-3; fsdp_reshard_after_forward: false keeps the weights "
+                        "gathered like ZeRO-2)")
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available():
         raise UserError("the launch config asks for FSDP, which Accelerate runs only on GPUs (on CPU it fails, or "
                         "trains unsharded without a word); use cpu_ddp.yaml on a CPU")

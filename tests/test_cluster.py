@@ -69,6 +69,15 @@ def test_fsdp_config_on_cpu_is_refused_not_silently_unsharded(tmp_path, data_dir
     assert not (tmp_path / "run").exists()
 
 
+def test_a_deepspeed_launch_is_refused_with_the_alternative(tmp_path, data_dir, monkeypatch, capsys):
+    """No DeepSpeed config ships (its cycle could not be proven here); a user's own DeepSpeed launch
+    gets one line pointing to FSDP2 before anything is written."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert train("--data", data_dir, "--out", tmp_path / "run", *TINY, "--max_steps", 2) == 2
+    assert capsys.readouterr().err.startswith("error: DeepSpeed is not supported; use accelerate_configs/fsdp.yaml")
+    assert not (tmp_path / "run").exists()
+
+
 def test_fused_adamw_steps_on_cpu():
     model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                     num_key_value_heads=2, intermediate_size=64))

@@ -101,7 +101,7 @@ def test_launch_configs_parse(path: Path):
 def test_all_launch_configs_present():
     names = {p.stem for p in (ROOT / "accelerate_configs").glob("*.yaml")}
     assert names == {"cpu", "cpu_ddp", "single_gpu", "single_gpu_bf16", "multi_gpu_ddp_bf16", "multi_gpu_fp16",
-                     "fsdp", "deepspeed_zero2", "multi_node"}
+                     "fsdp", "multi_node"}
 
 
 def test_fsdp_full_state_dict_checkpoint_exports(tmp_path, trained_run, capsys):
