@@ -52,8 +52,39 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
-        self.muon.step()
+        if any(hasattr(p, "full_tensor") for g in self.muon.param_groups for p in g["params"]):
+            self._gathered_muon_step()
+        else:
+            self.muon.step()
         self.adamw.step()
+
+    def _gathered_muon_step(self) -> None:
+        """torch.optim.Muon's step for FSDP2's sharded matrices (DTensors). Newton-Schulz on the shards
+        would all-reduce its Gram matrices in bf16 (2-3% off the unsharded result for tall matrices)
+        and gather 15 times per matrix; instead each matrix's momentum-blended update is all-gathered
+        once in bf16 (Newton-Schulz casts to bf16 first, so nothing is lost; 2 bytes per entry),
+        orthogonalised whole on every rank by torch's own routine, and this rank's rows are applied:
+        the unsharded update, bit for bit. The momentum buffers stay sharded."""
+        from torch.distributed.tensor import DTensor, Replicate
+        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # the routine Muon.step uses
+
+        for group in self.muon.param_groups:
+            lr, momentum = float(group["lr"]), group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                whole = _zeropower_via_newtonschulz(update.to(torch.bfloat16).full_tensor(), group["ns_coefficients"],
+                                                    group["ns_steps"], group["eps"])
+                mine = DTensor.from_local(whole, p.device_mesh, [Replicate()], run_check=False).redistribute(
+                    p.device_mesh, p.placements)  # a slice of what every rank holds: no communication
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(mine, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -100,8 +100,10 @@ def keep_freed_memory() -> bool:
 
 
 def param_checksum(model: torch.nn.Module) -> float:
-    """A float64 sum over all weights: equal on every rank exactly when the replicas agree."""
-    return float(sum(p.detach().double().sum() for p in model.parameters()))
+    """A float64 sum over all weights: equal on every rank exactly when the replicas agree. Under
+    FSDP2 a weight is a DTensor whose sum is partial on each rank: full_tensor() adds the shards."""
+    sums = (p.detach().double().sum() for p in model.parameters())
+    return float(sum(t.full_tensor() if hasattr(t, "full_tensor") else t for t in sums))
 
 
 def check_trackers(report_to: str) -> None:
@@ -396,14 +398,44 @@ def process_start() -> float:
     return psutil.Process().create_time()
 
 
-def start_accelerator(cfg: TrainConfig):  # noqa: ANN201 (accelerate is imported here, not at module load)
+def check_launch(cfg: TrainConfig) -> None:
+    """Refuse, in one line and before anything starts, the launch configs this package cannot run right."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise UserError("DeepSpeed is not supported; use accelerate_configs/fsdp.yaml (FSDP2 shards weights, gradients "
                         "and optimizer state like ZeRO-3; fsdp_reshard_after_forward: false keeps the weights "
                         "gathered like ZeRO-2)")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available():
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise UserError("the launch config asks for FSDP1, which flattens the weights (Muon cannot step them, and "
+                        "checkpoints hold flat shards); set fsdp_version: 2 as accelerate_configs/fsdp.yaml does")
+    if cfg.mixed_precision == "fp16":
+        raise UserError("fp16 under FSDP is not supported: Accelerate's gradient scaler for FSDP2 checks each rank's "
+                        "shard alone, so ranks can disagree on skipping a step; use bf16")
+    refuse_fsdp_on_cpu()
+
+
+def refuse_fsdp_on_cpu() -> None:
+    if not torch.cuda.is_available():
         raise UserError("the launch config asks for FSDP, which Accelerate runs only on GPUs (on CPU it fails, or "
                         "trains unsharded without a word); use cpu_ddp.yaml on a CPU")
+
+
+def fsdp_plugin(precision: str):  # noqa: ANN201
+    """Under an FSDP launch config: FSDP2 as the config sets it (Accelerate reads its FSDP_* variables),
+    in bf16 with bf16 weights for compute and gradients reduced in fp32, as torchtitan does.
+    Accelerate's own bf16 policy would also reduce in bf16 and hand back the loss in bf16."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return None
+    from accelerate import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else None
+    return FullyShardedDataParallelPlugin(mixed_precision_policy=policy)
+
+
+def start_accelerator(cfg: TrainConfig):  # noqa: ANN201 (accelerate is imported here, not at module load)
+    check_launch(cfg)
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -419,6 +451,7 @@ def start_accelerator(cfg: TrainConfig):  # noqa: ANN201 (accelerate is imported
         project_dir=cfg.out,
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the world size
         dynamo_backend="inductor" if cfg.compile else None,
+        fsdp_plugin=fsdp_plugin(cfg.mixed_precision),
     )
     set_seed(cfg.seed)
     return accelerator
@@ -490,6 +523,8 @@ def optimizer_step(run: Run, batch: torch.Tensor, step: int) -> StepResult:
             loss_sum += loss.detach()
             if accelerator.sync_gradients:
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.cfg.grad_clip or math.inf)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+                    grad_norm = grad_norm.full_tensor()
                 update(run, grad_norm, step)
     run.tokens_seen += run.tokens_per_step
     run.bar.update(1)

@@ -78,6 +78,18 @@ def test_a_deepspeed_launch_is_refused_with_the_alternative(tmp_path, data_dir, 
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("version, precision, expected", [
+    ("1", "no", "error: the launch config asks for FSDP1, which flattens the weights"),
+    ("2", "fp16", "error: fp16 under FSDP is not supported"),
+])
+def test_fsdp1_and_fp16_fsdp_are_refused(tmp_path, data_dir, monkeypatch, capsys, version, precision, expected):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", version)
+    assert train("--data", data_dir, "--out", tmp_path / "run", *TINY, "--mixed_precision", precision) == 2
+    assert capsys.readouterr().err.startswith(expected)
+    assert not (tmp_path / "run").exists()
+
+
 def test_fused_adamw_steps_on_cpu():
     model = Transformer(ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                     num_key_value_heads=2, intermediate_size=64))

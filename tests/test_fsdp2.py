@@ -1,0 +1,136 @@
+"""fsdp.yaml's FSDP2 on two CPU ranks over gloo, through Accelerate's own FSDP2 path (tests/fsdp_on_cpu.py
+lifts only the refusal of FSDP on a CPU), against the unsharded DDP run: AdamW and Muon, bf16 and
+activation checkpointing, a save and a resume, global counts in the log, and an export that loads in
+transformers."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from accel_pretrain.checkpoint import list_checkpoints, model_from_checkpoint
+from accel_pretrain.tracking import read_log
+from tests.helpers import ROOT, TINY
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_fsdp_config(tmp_path) -> str:
+    """The shipped fsdp.yaml, on two CPU processes."""
+    path = tmp_path / "cpu_fsdp.yaml"
+    path.write_text((ROOT / "accelerate_configs" / "fsdp.yaml").read_text().replace("use_cpu: false", "use_cpu: true")
+                    .replace("num_processes: 8", "num_processes: 2").replace("gpu_ids: all\n", ""))
+    return str(path)
+
+
+def run(config: str, module: str, *args) -> list[dict]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port",
+           str(_free_port()), "-m", module, *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = args[args.index("--out") + 1]
+    return read_log(out / "train_log.jsonl")
+
+
+def losses(log: list[dict]) -> list[float]:
+    return [r["loss"] for r in log if "loss" in r]
+
+
+def test_fsdp2_adamw_trains_resumes_and_exports_as_the_unsharded_run(tmp_path, data_dir):
+    args = ["--data", data_dir, *TINY, "--eval_interval", 100, "--save_interval", 2]
+    ddp = run(str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"), "accel_pretrain.train", *args,
+              "--out", tmp_path / "ddp", "--max_steps", 4)
+    fsdp = tmp_path / "fsdp"
+    config = cpu_fsdp_config(tmp_path)
+    first = run(config, "tests.fsdp_on_cpu", *args, "--out", fsdp, "--max_steps", 2)
+    assert first[0]["parameters"] == ddp[0]["parameters"]  # global sizes, not a rank's shard
+    log = run(config, "tests.fsdp_on_cpu", "--out", fsdp, "--resume", "--max_steps", 4)
+    assert [r["step"] for r in log if r.get("event") == "resume"] == [2]
+    assert losses(log) == pytest.approx(losses(ddp), rel=1e-5)
+    end, ddp_end = log[-1], ddp[-1]
+    assert end["event"] == "end" and end["param_checksums"][0] == end["param_checksums"][1]
+    assert end["param_checksums"][0] == pytest.approx(ddp_end["param_checksums"][0], rel=1e-6)
+    ckpt = list_checkpoints(fsdp)[-1]
+    assert (ckpt / "pytorch_model_fsdp.bin").is_file()  # FULL_STATE_DICT: one complete set of weights
+
+    from transformers import AutoModelForCausalLM
+
+    from accel_pretrain import export
+
+    assert export.main([str(fsdp), str(tmp_path / "hf")]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = model_from_checkpoint(ckpt).eval()
+    x = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours(x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_fsdp2_muon_in_bf16_with_activation_checkpointing_follows_the_unsharded_run(tmp_path, data_dir):
+    """Muon steps the sharded matrices with the update of the whole matrix (gathered in bf16); bf16
+    here is FSDP2's bf16 weights with fp32 reduction against DDP's bf16 autocast, so the two agree to
+    bf16's precision, not bit for bit."""
+    args = ["--data", data_dir, *TINY, "--eval_interval", 100, "--save_interval", 100, "--max_steps", 4,
+            "--optimizer", "muon", "--mixed_precision", "bf16"]
+    ddp = run(str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"), "accel_pretrain.train", *args, "--out", tmp_path / "ddp")
+    fsdp = run(cpu_fsdp_config(tmp_path), "tests.fsdp_on_cpu", *args, "--activation_checkpointing",
+               "--out", tmp_path / "fsdp")
+    assert fsdp[0]["mixed_precision"] == "bf16" and fsdp[0]["world_size"] == 2
+    assert losses(fsdp) == pytest.approx(losses(ddp), rel=2e-2)
+    assert losses(fsdp)[-1] < losses(fsdp)[0] - 0.3  # it learns
+    end = fsdp[-1]
+    assert end["param_checksums"][0] == end["param_checksums"][1]
+    assert end["param_checksums"][0] == pytest.approx(ddp[-1]["param_checksums"][0], rel=1e-3)
+
+
+def test_muon_on_shards_is_the_unsharded_update_bit_for_bit(tmp_path):
+    """Two gloo ranks: MuonAdamW on fully_shard'ed matrices (a tall, a wide, one with rows that do not
+    divide evenly) takes exactly the unsharded step, three steps running."""
+    script = tmp_path / "muon_shards.py"
+    script.write_text('''
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from accel_pretrain.config import TrainConfig
+from accel_pretrain.optim import build_optimizer
+
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+def make():
+    torch.manual_seed(0)
+    m = torch.nn.Module()
+    m.layers = torch.nn.ModuleList([torch.nn.Linear(24, 64, bias=False), torch.nn.Linear(64, 24, bias=False),
+                                    torch.nn.Linear(24, 33, bias=False)])
+    return m
+cfg = TrainConfig(optimizer="muon", lr=0.02)
+plain, sharded = make(), make()
+for layer in sharded.layers:
+    fully_shard(layer)
+fully_shard(sharded)
+opts = [build_optimizer(m, cfg, fused=False) for m in (plain, sharded)]
+for step in range(3):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(8, 24, generator=g)
+    for m, opt in zip((plain, sharded), opts):
+        h = x
+        for layer in m.layers[:2]:
+            h = layer(h)
+        (h.square().mean() + m.layers[2](x).square().mean()).backward()
+        opt.step()
+        opt.zero_grad()
+for a, b in zip(plain.parameters(), sharded.parameters()):
+    assert torch.equal(a, b.full_tensor()), (a - b.full_tensor()).abs().max()
+print("equal")
+''')
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(_free_port()), str(script)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.count("equal") == 2, proc.stdout + proc.stderr
