@@ -69,7 +69,7 @@ def save_checkpoint(accelerator, run: Path, step: int, state: dict[str, Any], ke
     tmp = final.with_name(f".partial-{final.name}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir(parents=True)  # before any rank writes its part (FSDP: each rank's RNG state, shards)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)

@@ -344,7 +344,7 @@ def flatten(config: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in config.items() if k != "model"}, **config.get("model", {})}
 
 
-NOT_CARRIED = ("resume", "overwrite")  # what a resumed run never takes over from the run it continues
+NOT_CARRIED = ("resume", "overwrite", "time_limit")  # what a resumed run never takes over (time_limit: this job's)
 
 
 def run_config(values: dict[str, Any]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -156,9 +156,12 @@ class Ids:
 
 
 def _check_same_tokenizer(where: Path, meta: dict[str, Any], first_dir: Path, first: dict[str, Any]) -> None:
-    """Every source and shard of a run must come from one tokenizer (meta.json's tokenizer_sha256
-    where both have one; the vocabulary size and EOS always)."""
-    sha, first_sha = meta.get("tokenizer_sha256"), first.get("tokenizer_sha256")
+    """Every source and shard of a run must come from one tokenizer: meta.json's tokenizer_fingerprint
+    where both have one, else its tokenizer_sha256 where both have one (data made before the
+    fingerprint); the vocabulary size and EOS always."""
+    key = "tokenizer_fingerprint" if meta.get("tokenizer_fingerprint") and first.get("tokenizer_fingerprint") \
+        else "tokenizer_sha256"
+    sha, first_sha = meta.get(key), first.get(key)
     if (sha and first_sha and sha != first_sha) or meta["vocab_size"] != first["vocab_size"] \
             or meta.get("eos_token_id") != first.get("eos_token_id"):
         raise UserError(f"{where} was prepared with another tokenizer than {first_dir} ({meta.get('tokenizer')} vs "
@@ -205,6 +208,10 @@ class TokenData:
     def tokenizer_sha256(self) -> str | None:
         return self.meta.get("tokenizer_sha256")
 
+    @property
+    def tokenizer_fingerprint(self) -> str | None:
+        return self.meta.get("tokenizer_fingerprint")
+
     def check_ids_below(self, vocab_size: int) -> None:
         """Every id must index the model's embedding: prepare's recorded largest ids, read only in data
         that predates them (Ids.max_id)."""
@@ -239,33 +246,75 @@ class TokenData:
         return total
 
 
-def tokenizer_fingerprint(source: str | Path | None) -> str | None:
-    """meta.json's tokenizer_sha256 for a tokenizer folder or hub name: the sha256 of the model,
-    normalizer and pre-tokenizer sections of its tokenizer.json, as the installed `tokenizers`
-    writes them (tokenization.prepare computes it the same way). None when there is no tokenizer.json."""
+class TokenizerPrints(NamedTuple):
+    """A model's tokenizer as meta.json's keys would record it (None: cannot be had)."""
+    fingerprint: str | None  # tokenizer_fingerprint of what AutoTokenizer loads
+    loaded_sha256: str | None  # tokenizer_sha256 of that loaded pipeline: what older prepare recorded for it
+    raw_sha256: str | None  # tokenizer_sha256 of the raw tokenizer.json: what older versions compared with
+
+
+def _has_vocabulary(tok) -> bool:
+    """More entries than its added tokens: a tokenizer loaded from files, not made up from a config alone."""
+    try:
+        return len(tok.get_vocab()) > len(getattr(tok, "added_tokens_decoder", None) or {})
+    except Exception:  # a tokenizer that cannot list its vocabulary: trust that it was loaded from files
+        return True
+
+
+def tokenizer_prints(source: str | Path | None) -> TokenizerPrints:
+    """What a data directory's meta.json is compared with, for a tokenizer folder or hub name. Loads it
+    with tokenization.prepare's own loader and fingerprint, so prepare and this check agree."""
     if source is None:
-        return None
-    path = Path(source) / "tokenizer.json"
+        return TokenizerPrints(None, None, None)
+    from tokenization import PrepareError
+    from tokenization.prepare import legacy_sha256, load_tokenizer, tokenizer_fingerprint
+
+    try:
+        tok = load_tokenizer(str(source))
+    except PrepareError:  # offline, no such repo, no tokenizer: only a raw tokenizer.json may still compare
+        tok = None
+    if tok is not None and not _has_vocabulary(tok):
+        tok = None  # transformers 5 builds an empty tokenizer for a model folder without tokenizer files
+    backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
+    path: Path | None = Path(source) / "tokenizer.json"
     if not path.is_file():
-        if Path(source).exists():
-            return None
+        path = None
+        if not Path(source).exists():
+            try:
+                from huggingface_hub import hf_hub_download
+
+                path = Path(hf_hub_download(str(source), "tokenizer.json"))
+            except Exception:  # offline, no such repo, no tokenizer.json
+                path = None
+    raw = None
+    if path is not None:
+        from tokenizers import Tokenizer
+
         try:
-            from huggingface_hub import hf_hub_download
-
-            path = Path(hf_hub_download(str(source), "tokenizer.json"))
-        except Exception:  # offline, no such repo, no tokenizer.json: nothing to compare
-            return None
-    from tokenizers import Tokenizer
-
-    spec = json.loads(Tokenizer.from_file(str(path)).to_str())
-    blob = json.dumps({k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer")}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+            raw = legacy_sha256(Tokenizer.from_file(str(path)).to_str())
+        except Exception:  # a tokenizer.json this `tokenizers` cannot read: nothing to compare
+            raw = None
+    return TokenizerPrints(tokenizer_fingerprint(tok) if tok is not None else None,
+                           legacy_sha256(backend.to_str()) if backend is not None else None, raw)
 
 
 def check_same_tokenizer(data: TokenData, tokenizer: str | Path | None, what: str) -> None:
-    """Refuse data made by another tokenizer than the model's: its ids would mean other strings."""
-    ours = tokenizer_fingerprint(tokenizer)
-    if ours and data.tokenizer_sha256 and ours != data.tokenizer_sha256:
+    """Refuse data made by another tokenizer than the model's: its ids would mean other strings.
+
+    Data with a tokenizer_fingerprint is compared with the fingerprint of what AutoTokenizer loads from
+    the model's tokenizer (both sides: tokenization.prepare.tokenizer_fingerprint). Data made before it
+    (tokenizer_sha256 alone), or a tokenizer that does not load, keeps the older rule, widened: it passes
+    when its tokenizer_sha256 is the raw tokenizer.json's (or there is none to compare) or the loaded
+    tokenizer's, so nothing let through before is refused now."""
+    if tokenizer is None or not (data.tokenizer_fingerprint or data.tokenizer_sha256):
+        return
+    ours = tokenizer_prints(tokenizer)
+    if data.tokenizer_fingerprint and ours.fingerprint:
+        same = ours.fingerprint == data.tokenizer_fingerprint
+    else:
+        sha = data.tokenizer_sha256
+        same = not sha or ours.raw_sha256 is None or sha in (ours.raw_sha256, ours.loaded_sha256)
+    if not same:
         raise UserError(f"{data.spec} was prepared with another tokenizer ({data.meta.get('tokenizer')}) than {what} "
                         f"({tokenizer}); prepare the data with `--tokenizer {tokenizer}`")
 

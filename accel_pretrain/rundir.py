@@ -47,7 +47,10 @@ class RunLock:
         path = self.run / LOCK_FILE
         self.new_file = not path.exists()
         while self.fd is None:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"cannot write the run directory {self.run} ({e.strerror or e})") from None
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -55,11 +58,16 @@ class RunLock:
                 os.close(fd)
                 if e.errno in (errno.EACCES, errno.EAGAIN):
                     raise UserError(f"{self.run} is in use by another run ({holder or 'holder unknown'}); wait for "
-                                    "it to end, or choose another --out") from None
+                                    f"it to end, or choose another --out (if that job is gone, e.g. its node crashed "
+                                    f"and the filesystem kept its lock, remove {path})") from None
                 print(f"warning: the filesystem of {self.run} does not support locks ({e.strerror}); nothing stops "
                       "a second job from writing the same run", file=sys.stderr, flush=True)
                 return self
-            if os.fstat(fd).st_ino != os.stat(path).st_ino:  # removed by a failed start meanwhile: lock the new one
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # removed by a failed start meanwhile: lock the file that is there now
                 os.close(fd)
                 continue
             self.fd = fd
@@ -71,7 +79,7 @@ class RunLock:
     def __exit__(self, exc_type: type | None, *exc: Any) -> None:
         if self.fd is None:
             return
-        if exc_type is not None and self.new_file:  # a failed start leaves nothing of its own behind
+        if exc_type is not None and self.new_file:  # a run that fails leaves no lock file of its own behind
             (self.run / LOCK_FILE).unlink(missing_ok=True)  # unlinked while locked: a waiting start locks anew
             if self.created and not any(self.run.iterdir()):
                 self.run.rmdir()
@@ -94,6 +102,10 @@ def claim_run_dir(cfg: TrainConfig, accelerator, held: ExitStack) -> tuple[Path 
                          "resume": cfg.resume, "overwrite": cfg.overwrite}]
         except UserError as e:
             decision = [{"error": str(e)}]
+        except Exception as e:  # the other ranks must not wait in the broadcast for a decision that never comes
+            if accelerator.num_processes > 1:
+                broadcast_object_list([{"error": f"rank 0 failed to open the run directory ({e!r})"}])
+            raise
     if accelerator.num_processes > 1:
         broadcast_object_list(decision)
     if "error" in decision[0]:

@@ -108,8 +108,8 @@ class Deadline:
         self.last = now
 
     def saved(self, seconds: float) -> None:
+        """A save's duration; the step that saved also counts it (and its eval) in its own time."""
         self.save_s = seconds
-        self.last = time.monotonic()  # the save is not a step
 
     def due(self) -> bool:
         if self.end is None:

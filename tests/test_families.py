@@ -111,12 +111,22 @@ def test_run_from_qwen2_exports_qwen2_that_transformers_loads(tmp_path, data_dir
 
     from accel_pretrain.export import export
 
+    from tests.conftest import make_documents
+    from tokenization.prepare import main as prepare
+
     hf = random_hf_model("qwen2")
     src = tmp_path / "qwen2"
     hf.save_pretrained(src)
     AutoTokenizer.from_pretrained(str(data_dir / "tokenizer")).save_pretrained(src)
+    # in a qwen2 folder AutoTokenizer loads those files as Qwen2Tokenizer (Qwen2's split regex and NFC): other
+    # ids than data_dir's, so --init_from refuses data_dir; data prepared from the folder itself is accepted
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(400, seed=3)), encoding="utf-8")
+    data = tmp_path / "data"
+    assert prepare([str(corpus), "--tokenizer", str(src), "--out", str(data)]) == 0
     run = tmp_path / "run"
-    assert train("--data", data_dir, "--out", run, *TINY[2:], "--init_from", src, "--max_steps", 2,
+    assert train("--data", data_dir, "--out", run, *TINY[2:], "--init_from", src, "--max_steps", 2) == 2
+    assert train("--data", data, "--out", run, *TINY[2:], "--init_from", src, "--max_steps", 2,
                  "--eval_interval", 2, "--save_interval", 2) == 0
     out = export(str(run), str(tmp_path / "hf"))
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]

@@ -46,7 +46,7 @@ def test_two_jobs_on_one_out_the_second_is_refused_and_the_first_ends_as_alone(t
     winner = next(p for p in procs if p.returncode == 0)
     line = refused[0][1].strip()
     assert re.fullmatch(rf"error: {re.escape(str(run))} is in use by another run \(host {re.escape(socket.gethostname())}, "
-                        rf"pid {winner.pid}, since [\d:\- ]+\); wait for it to end, or choose another --out", line), line
+                        rf"pid {winner.pid}, since [\d:\- ]+\); wait for it to end, or choose another --out \(if that job is gone.*", line), line
     a, b = weights(list_checkpoints(tmp_path / "alone")[-1]), weights(list_checkpoints(run)[-1])
     assert list_checkpoints(run)[-1].name == "step_0000300" and all(torch.equal(a[k], b[k]) for k in a)
     assert [r for r in read_log(run / "train_log.jsonl") if r.get("event") in ("run", "resume")][0]["event"] == "run"
@@ -98,7 +98,7 @@ def test_a_bad_time_limit_is_one_line(tmp_path, data_dir, capsys):
 def test_a_time_limited_job_saves_and_stops_before_its_end(tmp_path, data_dir, source):
     """No signal: the trainer itself stops with a margin (two steps, two saves, 30 s) before the end,
     given as --time_limit (from the process start) or as SLURM's end time of the job, and saves."""
-    run, limit = tmp_path / "run", 45
+    run, limit = tmp_path / "run", 60
     args = [*TINY, "--max_steps", 10 ** 6, "--eval_interval", 10 ** 6, "--save_interval", 10 ** 6, "--log_interval", 100]
     env = dict(ENV)
     if source == "--time_limit":
@@ -113,7 +113,7 @@ def test_a_time_limited_job_saves_and_stops_before_its_end(tmp_path, data_dir, s
     assert proc.returncode == 0, proc.stdout + proc.stderr
     step = int(re.search(r"stopped before the time limit at step (\d+); checkpoint saved", proc.stdout)[1])
     assert list_checkpoints(run)[-1].name == f"step_{step:07d}" and step > 10
-    assert took < limit - 25, took  # the 30 s margin, less the time the launch itself took
+    assert took < limit - 20, took  # the 30 s margin, less what the last steps and the save took
 
 
 def test_launch_node_takes_its_port_from_the_job_id(tmp_path):

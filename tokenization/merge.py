@@ -4,7 +4,8 @@ without copying a token: its meta.json lists the shards, and training reads thei
     python -m tokenization.merge data/shard_0 data/shard_1 ... --out data/all
 
 Shards made by `prepare --num_shards N --shard_index I` are ordered by I and must all be present.
-The tokenizer of every shard must be the same (meta.json's tokenizer_sha256)."""
+The tokenizer of every shard must be the same (meta.json's tokenizer_fingerprint where every shard has
+one, and tokenizer_sha256)."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ from .prepare import TRAINED_BPE, print_fit, tokenizer_fit
 SUMMED = ("train_tokens", "valid_tokens", "train_bytes", "valid_bytes", "documents", "train_documents",
           "valid_documents")
 SAME = ("vocab_size", "eos_token_id", "dtype", "tokenizer_sha256")
+FINGERPRINT = "tokenizer_fingerprint"  # shards of an older version have none: tokenizer_sha256 decides then
 FIT_COUNTS = ("whitespace_only_tokens", "single_space_tokens", "unk_tokens")
 SPLITS = ("train", "valid")
 
@@ -58,6 +60,8 @@ def merge(dirs: list[Path], out: Path, overwrite: bool = False) -> Path:
     first = metas[0][1]
     for d, m in metas[1:]:
         differs = [k for k in SAME if m.get(k) != first.get(k)]
+        if m.get(FINGERPRINT) and first.get(FINGERPRINT) and m[FINGERPRINT] != first[FINGERPRINT]:
+            differs.append(FINGERPRINT)
         if differs:
             raise PrepareError(f"{d} was prepared with another tokenizer than {metas[0][0]} ({', '.join(differs)} "
                                "differ); prepare every shard with the same --tokenizer")
@@ -79,6 +83,8 @@ def merge(dirs: list[Path], out: Path, overwrite: bool = False) -> Path:
         if all("tokenizer_fit" in m for _, m in metas):  # shards of an older version have none
             counts = {k: sum(m["tokenizer_fit"][k] for _, m in metas) for k in FIT_COUNTS}
             meta["tokenizer_fit"] = tokenizer_fit(counts, text_tokens, meta["train_bytes"] + meta["valid_bytes"])
+        if all(m.get(FINGERPRINT) for _, m in metas):
+            meta[FINGERPRINT] = first[FINGERPRINT]
         if all("max_token_id" in m for _, m in metas):  # likewise: training then reads the older shards' ids
             meta["max_token_id"] = largest_ids([m for _, m in metas])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
