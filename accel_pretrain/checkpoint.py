@@ -71,8 +71,15 @@ def save_checkpoint(accelerator, run: Path, step: int, state: dict[str, Any], ke
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)  # before any rank writes its part (FSDP: each rank's RNG state, shards)
     accelerator.wait_for_everyone()
+    written: OSError | None = None
     try:
         accelerator.save_state(str(tmp), safe_serialization=True)
+    except OSError as e:
+        written = e
+    accelerator.wait_for_everyone()  # every rank's part (its RNG state, FSDP shards) is in before the rename
+    try:
+        if written:
+            raise written
         if accelerator.is_main_process:
             save_json(state, tmp / STATE_FILE)
             if final.exists():

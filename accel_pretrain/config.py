@@ -128,6 +128,12 @@ class TrainConfig:
     eval_interval: int = opt(200, "steps between validation losses")
     eval_iters: int = opt(20, "micro-batches of validation windows per evaluation")
     save_interval: int = opt(500, "steps between checkpoints")
+    eval_tasks: str | None = opt(None, "comma-separated lm-eval tasks (e.g. hellaswag,arc_easy) scored during training, "
+                                       "each time right after a checkpoint is saved; needs the [eval] extra")
+    eval_tasks_limit: int | None = opt(500, "documents of each --eval_tasks task scored (0: all)")
+    eval_tasks_interval: int | None = opt(None, "steps between --eval_tasks scores (default: save_interval; such a "
+                                                "step also saves)")
+    eval_tasks_dir: str | None = opt(None, "a folder of task YAMLs of your own for --eval_tasks (e.g. on local data)")
     keep_checkpoints: int = opt(3, "checkpoints kept; older ones are deleted")
     log_interval: int = opt(10, "steps between lines in train_log.jsonl (and printed lines when not on a terminal)")
     seed: int = opt(1337, "seed of the initial weights and of the training windows")
@@ -170,6 +176,8 @@ class TrainConfig:
                 raise UserError(f"{name} must be {' or '.join(allowed)} (got {value!r}){did_you_mean(value, allowed)}")
         if not 0 < self.decay_fraction <= 1:
             raise UserError(f"decay_fraction must be in (0, 1] (got {self.decay_fraction})")
+        if (self.eval_tasks_interval is not None and self.eval_tasks_interval < 1) or (self.eval_tasks_limit or 0) < 0:
+            raise UserError("eval_tasks_interval must be at least 1 and eval_tasks_limit at least 0")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise UserError("peak_flops must be positive")
         if self.block_size > self.model.max_position_embeddings:

@@ -1,15 +1,21 @@
-"""CLI: loss, perplexity and bits per byte of a model on a data directory's validation split.
+"""CLI: loss, perplexity and bits per byte of a model on a data directory's validation split, or its
+scores on downstream tasks through lm-evaluation-harness.
 
     python -m accel_pretrain.evaluate MODEL --data DIR [--block_size T] [--batch_size B] [--max_windows K]
+    python -m accel_pretrain.evaluate MODEL --tasks hellaswag,arc_easy,piqa,winogrande [--limit N]
+        [--num_fewshot K] [--batch_size B] [--tasks_dir DIR] [--output FILE.json]
 
 MODEL is a run directory, a checkpoint, or a Hugging Face Llama folder or name. Training's eval
-calls `score` on the same windows, so both report the same numbers."""
+calls `score` on the same windows, so both report the same numbers; with --tasks, lm-eval's own
+task definitions, prompts and metrics score the model (accel_pretrain.downstream), as
+`lm_eval --model hf` scores its export."""
 from __future__ import annotations
 
 import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m accel_pretrain.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("model", help="run directory, checkpoint, or Hugging Face Llama folder/name")
-    p.add_argument("--data", required=True,
+    p.add_argument("--data",
                    help="prepared data directory (reads valid_ids.npy), or a mixture DIR:WEIGHT,DIR:WEIGHT as "
                         "training takes it: with --max_windows K each source gives its first windows in proportion "
                         "to its weight (training's eval: K = eval_iters x micro_batch_size, so --max_windows K "
@@ -75,7 +81,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="score only the first K windows (shared out by weight in a mixture)")
     p.add_argument("--document_masking", action="store_true",
                    help="attend only within each document of a window, as a run trained with it does")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks, groups or tags (instead of --data), e.g. "
+                                   "hellaswag,arc_easy,piqa,winogrande")
+    p.add_argument("--limit", type=int, default=None, help="--tasks: score only the first N documents of each task")
+    p.add_argument("--num_fewshot", type=int, default=None, help="--tasks: examples in each prompt (task default)")
+    p.add_argument("--tasks_dir", default=None, help="--tasks: a folder of task YAMLs of your own (e.g. on local data)")
+    p.add_argument("--output", default="downstream.json", help="--tasks: where the JSON of the scores goes")
     args = p.parse_args(argv)
+    if args.tasks:
+        return evaluate_tasks(args)
+    if not args.data:
+        raise UserError("pass --data DIR (validation loss) or --tasks NAMES (downstream tasks)")
     data = TokenData(args.data)
     model, tokenizer, state = load_any(args.model)
     check_same_tokenizer(data, tokenizer, "the model")
@@ -97,6 +113,29 @@ def main(argv: list[str] | None = None) -> int:
     targets = data.valid.windows(data.valid.eval_starts(block, args.max_windows), block)[:, 1:].numpy()
     result["unigram_loss"] = unigram_loss(data.train, targets, model.config.vocab_size)
     print(json.dumps(result))
+    return 0
+
+
+def evaluate_tasks(args: argparse.Namespace) -> int:
+    """--tasks: the model's scores on lm-eval tasks, a table on stdout and the JSON in --output."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import load_any
+    from .downstream import load_tasks, make_task_lm, run_tasks, table
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or (args.num_fewshot or 0) < 0:
+        raise UserError("--batch_size and --limit must be at least 1, --num_fewshot at least 0")
+    load_tasks(names, args.tasks_dir)  # unknown names and offline data are refused before the model loads
+    model, tokenizer, _ = load_any(args.model)
+    if tokenizer is None:
+        raise UserError(f"no tokenizer found next to {args.model}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    lm = make_task_lm(model.to(device).eval(), AutoTokenizer.from_pretrained(tokenizer), args.batch_size, device)
+    scores = run_tasks(lm, names, args.tasks_dir, args.limit, args.num_fewshot)
+    scores["config"] = {"model": args.model, "tasks": names, "limit": args.limit, "num_fewshot": args.num_fewshot}
+    print(table(scores))
+    Path(args.output).write_text(json.dumps(scores, indent=2, default=str) + "\n")
     return 0
 
 

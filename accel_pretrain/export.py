@@ -53,8 +53,9 @@ def export(src: str, out: str, dtype: str = "float32", overwrite: bool = False, 
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     bos = tok.bos_token_id if tok.bos_token_id is not None else eos
     hf = to_hf_model(model, bos_token_id=bos, eos_token_id=eos, dtype=DTYPES[dtype])
+    # No max_new_tokens: it would override the max_length a caller passes (lm-eval's max_gen_toks).
     hf.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, do_sample=True,
-                                            temperature=0.8, top_k=50, top_p=0.95, max_new_tokens=128)
+                                            temperature=0.8, top_k=50, top_p=0.95)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"

@@ -1,6 +1,7 @@
 """CLI: train_log.jsonl -> PNG of training and validation loss against tokens seen, with the
 gradient norm and the learning rate below (where a run diverges shows in all three: spikes and
-non-finite steps are marked); one colour per run, so runs can be compared.
+non-finite steps are marked), and, for runs with --eval_tasks, each task's accuracy and the CORE
+score next to the loss; one colour per run, so runs can be compared.
 
     python -m accel_pretrain.plot RUN [RUN ...] [--out loss.png]"""
 from __future__ import annotations
@@ -19,12 +20,12 @@ def plot(runs: list[str], out: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_norm, ax_lr) = plt.subplots(3, 1, figsize=(9, 8), sharex=True, height_ratios=(3, 1.2, 1))
-    for i, run in enumerate(runs):
-        path = Path(run) / "train_log.jsonl"
-        if not path.is_file():
-            raise UserError(f"{run} has no train_log.jsonl; pass a run directory written by accel_pretrain.train")
-        log = read_log(path)
+    logs = {run: read_run(run) for run in runs}
+    tasks = any(task_keys(log) for log in logs.values())
+    fig, axes = plt.subplots(4 if tasks else 3, 1, figsize=(9, 10.5 if tasks else 8), sharex=True,
+                             height_ratios=(3, 2, 1.2, 1) if tasks else (3, 1.2, 1))
+    ax_loss, ax_norm, ax_lr = axes[0], axes[-2], axes[-1]
+    for i, (run, log) in enumerate(logs.items()):
         tokens_per_step = next((r["tokens_per_step"] for r in log if "tokens_per_step" in r), 1)
         train = [r for r in log if "loss" in r]
         evals = [r for r in log if "val_loss" in r]
@@ -36,6 +37,11 @@ def plot(runs: list[str], out: str) -> Path:
                      color=color, lw=2, ms=4, label=f"{name} validation")
         ax_norm.plot([r["tokens"] for r in train], [r["grad_norm"] for r in train], color=color, lw=1)
         ax_lr.plot([r["tokens"] for r in train], [r["lr"] for r in train], color=color)
+        for j, key in enumerate(task_keys(log)):
+            scored = [r for r in log if key in r]
+            axes[1].plot([r["step"] * tokens_per_step for r in scored], [r[key] for r in scored], marker="o", color=color,
+                         ms=3, lw=2.5 if key == "tasks/core" else 1, ls=("-", "--", ":", "-.")[j % 4],
+                         label=f"{name} {key[len('tasks/'):].replace('/acc', '')}")
         for event, marker in (("spike", "v"), ("nonfinite", "x")):
             steps = [r["step"] for r in log if r.get("event") == event]
             at = [next((t for t in train if t["step"] == s), None) for s in steps]
@@ -46,6 +52,10 @@ def plot(runs: list[str], out: str) -> Path:
     ax_loss.grid(True, which="both", alpha=0.3)
     ax_loss.legend()
     ax_loss.set_title("accel-pretrain: loss against tokens seen")
+    if tasks:
+        axes[1].set_ylabel("task accuracy / CORE")
+        axes[1].grid(True, alpha=0.3)
+        axes[1].legend(fontsize=7, ncol=2)
     ax_norm.set_ylabel("gradient norm")
     ax_norm.set_yscale("log")
     ax_norm.grid(True, which="both", alpha=0.3)
@@ -62,6 +72,19 @@ def plot(runs: list[str], out: str) -> Path:
     finally:
         plt.close(fig)
     return out_path
+
+
+def read_run(run: str) -> list[dict]:
+    path = Path(run) / "train_log.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run} has no train_log.jsonl; pass a run directory written by accel_pretrain.train")
+    return read_log(path)
+
+
+def task_keys(log: list[dict]) -> list[str]:
+    """The accuracies (tasks/TASK/acc) and the CORE score a run logged, in first-seen order."""
+    keys = dict.fromkeys(k for r in log for k in r if k.startswith("tasks/") and (k.endswith("/acc") or k == "tasks/core"))
+    return list(keys)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,6 +157,10 @@ def configure(argv: list[str]) -> tuple[TrainConfig, TokenData, str]:
     cfg.mixed_precision, why = resolve_precision(cfg.mixed_precision)
     why = "the run's config.json" if from_run else why
     data.check_block_size(cfg.block_size)
+    if cfg.eval_tasks:
+        from .downstream import load_tasks
+
+        load_tasks(task_names(cfg), cfg.eval_tasks_dir)  # unknown names and offline data: refused before anything
     if cfg.time_limit is not None:
         cfg.time_limit = str(cfg.time_limit)  # a YAML number of seconds
         parse_duration(cfg.time_limit)
@@ -309,6 +313,7 @@ class Run:
     peak_flops: float | None  # per device, for MFU (None: unknown)
     eos: int | None  # documents end at EOS when --document_masking
     spikes: SpikeWatch
+    tokenizer: Any  # the data's, for --eval_tasks (else None)
     vote: StopVote
     deadline: Deadline
     tokens_seen: int = 0
@@ -356,6 +361,7 @@ def setup(cfg: TrainConfig, data: TokenData, precision_why: str, held: ExitStack
     if ckpt:
         check_resume(ckpt, state, cfg, data)
     check_memory(cfg, model, accelerator)
+    tokenizer = task_tokenizer(cfg, data, accelerator)
     write_run_dir(cfg, data, accelerator, fresh=not ckpt, extra=data_mixture(data))
 
     optimizer = build_optimizer(model, cfg, fused=accelerator.device.type == "cuda")
@@ -375,7 +381,7 @@ def setup(cfg: TrainConfig, data: TokenData, precision_why: str, held: ExitStack
               flops_per_token=accelerator.unwrap_model(model).flops_per_token(cfg.block_size),
               peak_flops=peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_flops),
               eos=data.meta.get("eos_token_id") if cfg.document_masking else None, spikes=SpikeWatch([]),
-              vote=StopVote(accelerator.num_processes), deadline=Deadline(cfg.time_limit, checkpoint_bytes(model),
+              tokenizer=tokenizer, vote=StopVote(accelerator.num_processes), deadline=Deadline(cfg.time_limit, checkpoint_bytes(model),
                                                                           process_start()),
               tokens_seen=state.get("tokens_seen", 0), tokens_last=state.get("tokens_seen", 0),
               bad_step=torch.zeros((), dtype=torch.long, device=accelerator.device),
@@ -384,6 +390,26 @@ def setup(cfg: TrainConfig, data: TokenData, precision_why: str, held: ExitStack
               skip_streak=torch.zeros((), dtype=torch.long, device=accelerator.device))
     open_log(run, ckpt, precision_why)
     return run
+
+
+def task_tokenizer(cfg: TrainConfig, data: TokenData, accelerator) -> Any:
+    """The tokenizer --eval_tasks encode with: the data's (an --init_from model's is the same, checked).
+    Generation tasks are refused under FSDP: each rank would decode as many steps as its own
+    documents need, and the sharded model needs every rank in every forward."""
+    if not cfg.eval_tasks:
+        return None
+    from transformers import AutoTokenizer
+
+    from .downstream import load_tasks
+
+    if accelerator.distributed_type.name == "FSDP":
+        _, loaded = load_tasks(task_names(cfg), cfg.eval_tasks_dir)
+        if generating := [n for n, t in loaded["tasks"].items() if t.OUTPUT_TYPE == "generate_until"]:
+            raise UserError(f"--eval_tasks {', '.join(generating)} generate text, which FSDP cannot do during training; "
+                            "score them after it with python -m accel_pretrain.evaluate RUN --tasks ...")
+    if not (data.dir / "tokenizer").is_dir():
+        raise UserError(f"--eval_tasks needs the tokenizer the data was prepared with; {data.dir}/tokenizer is missing")
+    return AutoTokenizer.from_pretrained(str(data.dir / "tokenizer"))
 
 
 def checkpoint_bytes(model: torch.nn.Module) -> int:
@@ -559,7 +585,9 @@ def periodic_actions(run: Run, result: StepResult, done: int, stopping: bool) ->
     cfg = run.cfg
     logging = done % cfg.log_interval == 0 or done == 1 or done == cfg.max_steps
     evaluating = done % cfg.eval_interval == 0 or done == cfg.max_steps
-    saving = done % cfg.save_interval == 0 or done == cfg.max_steps or stopping
+    scoring = bool(cfg.eval_tasks) and (done % (cfg.eval_tasks_interval or cfg.save_interval) == 0
+                                        or done == cfg.max_steps)
+    saving = done % cfg.save_interval == 0 or done == cfg.max_steps or stopping or scoring
     if (logging or evaluating or saving) and (first := int(run.bad_step)):
         raise_nonfinite(run, first)
     if logging:
@@ -572,6 +600,38 @@ def periodic_actions(run: Run, result: StepResult, done: int, stopping: bool) ->
         started = time.monotonic()
         save_checkpoint(run.accelerator, run.dir, done, train_state(run, done), cfg.keep_checkpoints)
         run.deadline.saved(time.monotonic() - started)
+    if scoring and not stopping:  # after the save: a run killed while scoring loses nothing
+        score_tasks(run, done)
+
+
+def task_names(cfg: TrainConfig) -> list[str]:
+    return [t.strip() for t in (cfg.eval_tasks or "").split(",") if t.strip()]
+
+
+def score_tasks(run: Run, done: int) -> None:
+    """--eval_tasks through lm-eval, each rank scoring a share of the documents; one train_log.jsonl
+    line ({"step", "tasks/TASK/METRIC": value, ..., "tasks/core"}) and tracker record. The model
+    unwrapped: under DDP or --compile the plain module (no recompilation for the tasks' shapes),
+    under FSDP2 the sharded one, which every rank calls as often (lm-eval pads the requests)."""
+    from .downstream import flat_metrics, make_task_lm, run_tasks
+
+    cfg, accelerator = run.cfg, run.accelerator
+    model = accelerator.unwrap_model(run.model)
+    lm = make_task_lm(model, run.tokenizer, cfg.micro_batch_size, accelerator.device, accelerator.process_index,
+                      accelerator.num_processes, autocast=accelerator.autocast)
+    model.eval()
+    try:
+        scores = run_tasks(lm, task_names(cfg), cfg.eval_tasks_dir, cfg.eval_tasks_limit or None, None)
+    finally:
+        model.train()
+    if scores is None:  # not rank 0
+        return
+    record = {"step": done, **flat_metrics(scores)}
+    run.log.write(record)
+    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
+    core = f", CORE {scores['core']:.3f}" if scores.get("core") is not None else ""
+    run.bar.write(f"step {done}: " + ", ".join(f"{t} {m.get('acc,none', float('nan')):.3f}"
+                                               for t, m in sorted(scores["results"].items()) if "acc,none" in m) + core)
 
 
 def log_step(run: Run, result: StepResult, done: int) -> None:

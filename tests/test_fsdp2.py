@@ -1,9 +1,10 @@
 """fsdp.yaml's FSDP2 on two CPU ranks over gloo, through Accelerate's own FSDP2 path (tests/fsdp_on_cpu.py
 lifts only the refusal of FSDP on a CPU), against the unsharded DDP run: AdamW and Muon, bf16 and
-activation checkpointing, a save and a resume, global counts in the log, and an export that loads in
-transformers."""
+activation checkpointing, a save and a resume, global counts in the log, downstream tasks scored during
+training as evaluate scores the checkpoint, and an export that loads in transformers."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -54,7 +55,17 @@ def test_fsdp2_adamw_trains_resumes_and_exports_as_the_unsharded_run(tmp_path, d
     config = cpu_fsdp_config(tmp_path)
     first = run(config, "tests.fsdp_on_cpu", *args, "--out", fsdp, "--max_steps", 2)
     assert first[0]["parameters"] == ddp[0]["parameters"]  # global sizes, not a rank's shard
-    log = run(config, "tests.fsdp_on_cpu", "--out", fsdp, "--resume", "--max_steps", 4)
+    tasks = ROOT / "tests" / "tasks"
+    log = run(config, "tests.fsdp_on_cpu", "--out", fsdp, "--resume", "--max_steps", 4, "--eval_tasks",
+              "hellaswag_local,text_local", "--eval_tasks_interval", 4, "--eval_tasks_limit", 6, "--eval_tasks_dir", tasks)
+    from accel_pretrain import evaluate
+
+    assert evaluate.main([str(fsdp), "--tasks", "hellaswag_local,text_local", "--tasks_dir", str(tasks), "--limit", "6",
+                          "--output", str(tmp_path / "cli.json")]) == 0
+    cli = json.loads((tmp_path / "cli.json").read_text())["results"]
+    scored = [r for r in log if "tasks/hellaswag_local/acc" in r]
+    assert [r["step"] for r in scored] == [4] and scored[0]["tasks/hellaswag_local/acc"] == cli["hellaswag_local"]["acc,none"]
+    assert scored[0]["tasks/text_local/word_perplexity"] == pytest.approx(cli["text_local"]["word_perplexity,none"], rel=1e-5)
     assert [r["step"] for r in log if r.get("event") == "resume"] == [2]
     assert losses(log) == pytest.approx(losses(ddp), rel=1e-5)
     end, ddp_end = log[-1], ddp[-1]

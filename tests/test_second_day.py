@@ -293,7 +293,8 @@ def test_activation_checkpointing_gives_the_plain_gradients_and_run(tmp_path, da
 
 def test_activation_checkpointing_under_compile_and_ddp(tmp_path, data_dir):
     """--activation_checkpointing with --compile (Accelerate's inductor backend: the recomputed blocks
-    are compiled too) ends within float tolerance of the plain eager run; under DDP (two gloo ranks)
+    are compiled too; --eval_tasks scores the plain module meanwhile) ends within float tolerance of the
+    plain eager run; under DDP (two gloo ranks)
     it ends bit-identical to the plain DDP run, both ranks agreeing."""
     from accel_pretrain.tracking import read_log
     from tests.helpers import launch, weights
@@ -301,7 +302,9 @@ def test_activation_checkpointing_under_compile_and_ddp(tmp_path, data_dir):
     args = ["--data", data_dir, *TINY, "--max_steps", 3, "--save_interval", 3, "--eval_interval", 3]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     assert train("--out", eager, *args) == 0
-    assert train("--out", compiled, *args, "--compile", "--activation_checkpointing") == 0
+    tasks = ["--eval_tasks", "hellaswag_local", "--eval_tasks_dir", ROOT / "tests" / "tasks", "--eval_tasks_limit", 4]
+    assert train("--out", compiled, *args, "--compile", "--activation_checkpointing", *tasks) == 0
+    assert [r["step"] for r in read_log(compiled / "train_log.jsonl") if "tasks/hellaswag_local/acc" in r] == [3]
     losses = [[r["loss"] for r in read_log(run / "train_log.jsonl") if "loss" in r] for run in (eager, compiled)]
     assert len(losses[1]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-6)
     a, b = weights(list_checkpoints(eager)[-1]), weights(list_checkpoints(compiled)[-1])
