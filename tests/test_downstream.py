@@ -184,3 +184,15 @@ def test_plot_draws_task_curves_next_to_the_loss(tmp_path):
     with_tasks = matplotlib.image.imread(plot([str(tmp_path / "with")], str(tmp_path / "with.png")))
     without = matplotlib.image.imread(plot([str(tmp_path / "without")], str(tmp_path / "without.png")))
     assert with_tasks.shape[0] > without.shape[0] * 1.25  # a fourth panel: the task accuracies and CORE
+
+
+def test_local_tasks_keep_lm_evals_own_prompts_and_metrics():
+    """Each *_local task builds, on the same documents, exactly the requests, targets and metrics of
+    lm-eval's registered task (tests/tasks/check_prompts.py)."""
+    sys.path.insert(0, TASKS_DIR)
+    try:
+        from check_prompts import mismatches
+    finally:
+        sys.path.remove(TASKS_DIR)
+    result = mismatches()
+    assert len(result) >= 9 and not any(result.values()), result
