@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -203,10 +204,11 @@ def run_tasks(lm: Any, names: list[str], tasks_dir: str | None, limit: int | Non
 
     datasets.disable_progress_bars()
     manager, loaded = load_tasks(names, tasks_dir)
-    with contextlib.redirect_stdout(None) if lm.rank else contextlib.nullcontext():
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet) if lm.rank else contextlib.nullcontext():
         out = lm_eval.evaluator.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
                                                 task_manager=manager, bootstrap_iters=1000, log_samples=False,
-                                                verbosity="ERROR")
+                                                verbosity="ERROR", random_seed=None, numpy_random_seed=None,
+                                                torch_random_seed=None)  # leave the run's RNG alone (greedy: no use)
     if out is None:
         return None
     results = {t: {k: v for k, v in r.items() if k not in ("alias", "name", "sample_len")}
