@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import math
 import os
 from pathlib import Path
@@ -158,11 +159,9 @@ def load_tasks(names: list[str], tasks_dir: str | None) -> tuple[Any, dict[str, 
     """lm-eval's TaskManager and the named tasks (groups and tags expand), each refused in one line
     when unknown (with the closest names) or when its data cannot be had offline."""
     require_lm_eval()
-    from lm_eval.tasks import TaskManager
-
     if tasks_dir and not Path(tasks_dir).is_dir():
         raise UserError(f"--tasks_dir {tasks_dir} is not a directory")
-    manager = TaskManager(include_path=tasks_dir) if tasks_dir else TaskManager()
+    manager = task_manager(tasks_dir)
     known = set(manager.all_tasks)
     for name in names:
         if name not in known:
@@ -176,6 +175,14 @@ def load_tasks(names: list[str], tasks_dir: str | None) -> tuple[Any, dict[str, 
                         "that read local files into a folder and pass --tasks_dir DIR (the repository's tests/tasks/ "
                         "shows how)") from None
     return manager, loaded
+
+
+@functools.cache
+def task_manager(tasks_dir: str | None):  # noqa: ANN201
+    """lm-eval's index of its 14,000-odd tasks (and tasks_dir's), built once per process: about 10 s."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=tasks_dir) if tasks_dir else TaskManager()
 
 
 def chance(task: Any, limit: int | None) -> float | None:
