@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,13 @@ def train(*args) -> int:
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a launch's main process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def launch(config: str, *args, extra: list[str] | None = None, timeout: int = 240, **popen) -> subprocess.Popen:

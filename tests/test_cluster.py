@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -18,13 +17,8 @@ from accel_pretrain.model import Transformer
 from accel_pretrain.optim import build_optimizer
 from accel_pretrain.tracking import peak_flops, read_log
 from accel_pretrain.train import host_to_device
-from tests.helpers import ROOT, TINY, launch, train
+from tests.helpers import ROOT, TINY, free_port, launch, train
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _slurm_nodes(args: list, port: int) -> list[subprocess.Popen]:
@@ -44,7 +38,7 @@ def test_slurm_script_on_two_local_nodes_trains_then_a_requeue_resumes(tmp_path,
     run = tmp_path / "run"
     args = ["--data", data_dir, "--out", run, *TINY, "--max_steps", 4, "--save_interval", 2, "--eval_interval", 4]
     for attempt in range(2):
-        procs = _slurm_nodes(args, _free_port())
+        procs = _slurm_nodes(args, free_port())
         outs = [p.communicate(timeout=240)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outs
         if attempt == 0:  # as if the job had been preempted after step 2 and requeued
@@ -62,7 +56,7 @@ def test_fsdp_config_on_cpu_is_refused_not_silently_unsharded(tmp_path, data_dir
     cfg = tmp_path / "cpu_fsdp.yaml"
     cfg.write_text((ROOT / "accelerate_configs" / "fsdp.yaml").read_text().replace("use_cpu: false", "use_cpu: true")
                    .replace("num_processes: 8", "num_processes: 2").replace("mixed_precision: bf16", "mixed_precision: 'no'")
-                   .replace("gpu_ids: all\n", "") + f"main_process_port: {_free_port()}\n")
+                   .replace("gpu_ids: all\n", "") + f"main_process_port: {free_port()}\n")
     proc = launch(str(cfg), "--data", data_dir, "--out", tmp_path / "run", *TINY, "--max_steps", 2)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0 and "error: the launch config asks for FSDP" in out, out
@@ -166,7 +160,7 @@ def test_no_host_sync_in_steps_between_log_eval_and_save(tmp_path, data_dir, wor
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"), "--main_process_port", str(_free_port()),
+               str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
                *map(str, module)]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
                               env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})

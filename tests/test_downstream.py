@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from accel_pretrain.errors import run_cli
-from tests.helpers import ROOT, TINY, train
+from tests.helpers import ROOT, TINY, free_port, train
 
 TASKS_DIR = str(ROOT / "tests" / "tasks")
 TASKS = ["hellaswag_local", "arc_easy_local", "winogrande_local", "boolq_local", "text_local", "continue_local"]
@@ -140,16 +140,13 @@ def test_tasks_during_training_under_ddp_equal_one_process_on_the_checkpoint(tmp
     scores equal evaluate's, in one process, on that checkpoint (under --compile: test_second_day,
     under FSDP2: test_fsdp2)."""
     import os
-    import socket
     import subprocess
 
     from accel_pretrain.checkpoint import list_checkpoints
 
     tasks = ["hellaswag_local", "winogrande_local", "text_local", "continue_local"]
     run = tmp_path / "run"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"), "--main_process_port", str(port), "-m",
            "accel_pretrain.train", "--data", str(data_dir), "--out", str(run), *map(str, TINY), "--max_steps", "3",

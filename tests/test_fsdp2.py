@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,15 +14,10 @@ import torch
 
 from accel_pretrain.checkpoint import list_checkpoints, model_from_checkpoint
 from accel_pretrain.tracking import read_log
-from tests.helpers import ROOT, TINY
+from tests.helpers import ROOT, TINY, free_port
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_fsdp_config(tmp_path) -> str:
@@ -36,7 +30,7 @@ def cpu_fsdp_config(tmp_path) -> str:
 
 def run(config: str, module: str, *args) -> list[dict]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port",
-           str(_free_port()), "-m", module, *map(str, args)]
+           str(free_port()), "-m", module, *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = args[args.index("--out") + 1]
@@ -142,6 +136,6 @@ for a, b in zip(plain.parameters(), sharded.parameters()):
 print("equal")
 ''')
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(_free_port()), str(script)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                           str(free_port()), str(script)], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.count("equal") == 2, proc.stdout + proc.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -297,7 +296,7 @@ def test_activation_checkpointing_under_compile_and_ddp(tmp_path, data_dir):
     plain eager run; under DDP (two gloo ranks)
     it ends bit-identical to the plain DDP run, both ranks agreeing."""
     from accel_pretrain.tracking import read_log
-    from tests.helpers import launch, weights
+    from tests.helpers import free_port, launch, weights
 
     args = ["--data", data_dir, *TINY, "--max_steps", 3, "--save_interval", 3, "--eval_interval", 3]
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
@@ -312,9 +311,7 @@ def test_activation_checkpointing_under_compile_and_ddp(tmp_path, data_dir):
     runs = {}
     for name, extra in (("ddp", []), ("ddp_checkpointing", ["--activation_checkpointing"])):
         out = tmp_path / name
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = str(s.getsockname()[1])
+        port = str(free_port())
         proc = launch("cpu_ddp.yaml", "--out", out, *args, *extra, extra=["--main_process_port", port])
         log, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, log

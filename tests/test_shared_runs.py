@@ -17,15 +17,10 @@ import torch
 from accel_pretrain.checkpoint import list_checkpoints
 from accel_pretrain.stopping import parse_duration
 from accel_pretrain.tracking import read_log
-from tests.helpers import ROOT, TINY, launch, train, weights
+from tests.helpers import ROOT, TINY, free_port, launch, train, weights
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_jobs_on_one_out_the_second_is_refused_and_the_first_ends_as_alone(tmp_path, data_dir):
@@ -67,11 +62,11 @@ def test_rank_0_decides_where_the_run_starts(tmp_path, data_dir):
     """Rank 1 sees no checkpoint (a filesystem that lags); rank 0 sees step 4. Both resume from 4."""
     run = tmp_path / "run"
     args = ["--data", data_dir, "--out", run, *TINY, "--eval_interval", 100, "--save_interval", 4]
-    proc = launch("cpu_ddp.yaml", *args, "--max_steps", 4, extra=["--main_process_port", str(_free_port())])
+    proc = launch("cpu_ddp.yaml", *args, "--max_steps", 4, extra=["--main_process_port", str(free_port())])
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"), "--main_process_port", str(_free_port()),
+           str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
            "-m", "tests.lagging_fs", *map(str, args), "--max_steps", "6", "--resume", "auto"]
     lagging = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert lagging.returncode == 0, lagging.stdout + lagging.stderr

@@ -5,7 +5,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import torch
 from accel_pretrain.config import TrainConfig
 from accel_pretrain.optim import lr_at
 from accel_pretrain.tracking import read_log
-from tests.helpers import TINY, launch, train, weights
+from tests.helpers import TINY, free_port, launch, train, weights
 
 
 def train_lines(run) -> list[dict]:
@@ -84,16 +83,11 @@ def test_exact_resume_is_bit_identical(tmp_path, data_dir):
     assert [r["event"] for r in read_log(run / "train_log.jsonl") if "event" in r] == ["run", "resume", "end"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_cpu_ddp_two_ranks_stay_identical(tmp_path, data_dir):
     run = tmp_path / "run"
     proc = launch("cpu_ddp.yaml", "--data", data_dir, "--out", run, *TINY, "--max_steps", 6, "--warmup_steps", 2,
-                  "--eval_interval", 6, "--save_interval", 6, extra=["--main_process_port", str(_free_port())])
+                  "--eval_interval", 6, "--save_interval", 6, extra=["--main_process_port", str(free_port())])
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
     log = read_log(run / "train_log.jsonl")
@@ -108,7 +102,7 @@ def test_cpu_ddp_two_ranks_stay_identical(tmp_path, data_dir):
 
 
 def test_two_machines_simulated_with_two_launches(tmp_path, data_dir):
-    run, port = tmp_path / "run", _free_port()
+    run, port = tmp_path / "run", free_port()
     procs = [
         launch("cpu_ddp.yaml", "--data", data_dir, "--out", run, *TINY, "--max_steps", 4, "--eval_interval", 4,
                "--save_interval", 4,
@@ -175,7 +169,7 @@ def test_muon_trains_resumes_bit_identically_and_exports(tmp_path, data_dir):
 def test_muon_ddp_ranks_stay_identical(tmp_path, data_dir):
     run = tmp_path / "run"
     proc = launch("cpu_ddp.yaml", "--data", data_dir, "--out", run, *TINY, "--optimizer", "muon", "--max_steps", 4,
-                  "--eval_interval", 4, "--save_interval", 4, extra=["--main_process_port", str(_free_port())])
+                  "--eval_interval", 4, "--save_interval", 4, extra=["--main_process_port", str(free_port())])
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out
     sums = read_log(run / "train_log.jsonl")[-1]["param_checksums"]
