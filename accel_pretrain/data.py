@@ -263,11 +263,11 @@ def _has_vocabulary(tok) -> bool:
 
 def tokenizer_prints(source: str | Path | None) -> TokenizerPrints:
     """What a data directory's meta.json is compared with, for a tokenizer folder or hub name. Loads it
-    with tokenization.prepare's own loader and fingerprint, so prepare and this check agree."""
+    with tokenization.tokenizer's own loader and fingerprint, so prepare and this check agree."""
     if source is None:
         return TokenizerPrints(None, None, None)
     from tokenization import PrepareError
-    from tokenization.prepare import legacy_sha256, load_tokenizer, tokenizer_fingerprint
+    from tokenization.tokenizer import legacy_sha256, load_tokenizer, tokenizer_fingerprint
 
     try:
         tok = load_tokenizer(str(source))
@@ -302,7 +302,7 @@ def check_same_tokenizer(data: TokenData, tokenizer: str | Path | None, what: st
     """Refuse data made by another tokenizer than the model's: its ids would mean other strings.
 
     Data with a tokenizer_fingerprint is compared with the fingerprint of what AutoTokenizer loads from
-    the model's tokenizer (both sides: tokenization.prepare.tokenizer_fingerprint). Data made before it
+    the model's tokenizer (both sides: tokenization.tokenizer.tokenizer_fingerprint). Data made before it
     (tokenizer_sha256 alone), or a tokenizer that does not load, keeps the older rule, widened: it passes
     when its tokenizer_sha256 is the raw tokenizer.json's (or there is none to compare) or the loaded
     tokenizer's, so nothing let through before is refused now."""

@@ -121,7 +121,7 @@ def evaluate_tasks(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from .checkpoint import load_any
-    from .downstream import load_tasks, make_task_lm, run_tasks, table
+    from .downstream import load_tasks, run_tasks, table
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or (args.num_fewshot or 0) < 0:
@@ -131,7 +131,9 @@ def evaluate_tasks(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise UserError(f"no tokenizer found next to {args.model}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    lm = make_task_lm(model.to(device).eval(), AutoTokenizer.from_pretrained(tokenizer), args.batch_size, device)
+    from .task_lm import TaskLM  # lm-eval is there: load_tasks checked
+
+    lm = TaskLM(model.to(device).eval(), AutoTokenizer.from_pretrained(tokenizer), args.batch_size, device)
     scores = run_tasks(lm, names, args.tasks_dir, args.limit, args.num_fewshot)
     scores["config"] = {"model": args.model, "tasks": names, "limit": args.limit, "num_fewshot": args.num_fewshot}
     print(table(scores))

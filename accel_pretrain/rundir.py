@@ -16,11 +16,12 @@ import socket
 import sys
 import time
 from contextlib import ExitStack
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import checkpoint_step, list_checkpoints, read_state, resolve_checkpoint
-from .config import TRAIN_FIELDS, TrainConfig, save_json
+from .config import TRAIN_FIELDS, TrainConfig, model_config_from_dict, save_json
 from .data import TokenData
 from .errors import UserError
 from .optim import lr_at, wsd_decay_start
@@ -203,3 +204,13 @@ def write_run_dir(cfg: TrainConfig, data: TokenData, accelerator, fresh: bool, e
     accelerator.wait_for_everyone()
 
 
+def check_resume(ckpt: Path, state: dict[str, Any], cfg: TrainConfig, data: TokenData) -> None:
+    """The checkpoint's model shape and data must be this run's."""
+    saved = asdict(model_config_from_dict(state["model_config"]))  # fields it predates take their defaults
+    diffs = [f"{k} {saved[k]} -> {v}" for k, v in cfg.to_dict()["model"].items()
+             if k != "initializer_range" and saved[k] != v]
+    if diffs:
+        raise UserError(f"cannot resume {ckpt}: the model shape differs ({', '.join(diffs)})")
+    if state.get("data_fingerprint") != data.fingerprint():
+        raise UserError(f"cannot resume {ckpt}: it was trained on other data ({state.get('data_dir')}); "
+                        "resume with the same --data")

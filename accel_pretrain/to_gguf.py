@@ -58,16 +58,26 @@ def llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def write_gguf(model: Transformer, tokenizer_dir: Path, path: Path, dtype: str = "float32", name: str = "") -> Path:
+    """One GGUF file: the architecture's metadata, the tokenizer, then the tensors."""
     import gguf
 
-    cfg = model.config
-    tok_json = json.loads((tokenizer_dir / "tokenizer.json").read_text()) if (tokenizer_dir / "tokenizer.json").is_file() \
-        else {}
-    pre = pre_tokenizer_name(tok_json)
-    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[cfg.model_type]
-    arch_id = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[model.config.model_type]
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_name(name or path.stem)
+    add_metadata(w, model.config, dtype, name or path.stem)
+    add_tokenizer(w, model.config, tokenizer_dir)
+    add_tensors(w, model, arch, dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def add_metadata(w, cfg, dtype: str, name: str) -> None:  # noqa: ANN001 (gguf is imported lazily)
+    """Shape, RoPE (with its scaling) and file type, as llama.cpp's loader reads them."""
+    import gguf
+
+    w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -95,9 +105,15 @@ def write_gguf(model: Transformer, tokenizer_dir: Path, path: Path, dtype: str =
             if scaling.get(key) is not None:
                 add(scaling[key])
 
-    # Tokenizer: the byte-level strings of the vocabulary, the merges and the special tokens.
+
+def add_tokenizer(w, cfg, tokenizer_dir: Path) -> None:  # noqa: ANN001
+    """The byte-level strings of the vocabulary, the merges and the special tokens; the pre-tokenizer
+    named as llama.cpp knows it."""
+    import gguf
     from transformers import AutoTokenizer
 
+    path = tokenizer_dir / "tokenizer.json"
+    pre = pre_tokenizer_name(json.loads(path.read_text()) if path.is_file() else {})
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     vocab = tok.get_vocab()
     added = tok.get_added_vocab()
@@ -114,6 +130,15 @@ def write_gguf(model: Transformer, tokenizer_dir: Path, path: Path, dtype: str =
     w.add_token_types(types)
     gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=cfg.vocab_size).add_to_gguf(w, quiet=True)
 
+
+def add_tensors(w, model: Transformer, arch: str, dtype: str) -> None:  # noqa: ANN001
+    """Every weight under its GGUF name: q/k rows permuted for the llama architecture, norms and
+    biases in f32, matrices in the file type; llama-3 RoPE scaling as a frequency tensor."""
+    import gguf
+
+    cfg = model.config
+    arch_id = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[arch]
+    scaling = cfg.rope_scaling or {}
     names = gguf.get_tensor_name_map(arch_id, cfg.num_hidden_layers)
     qtype = getattr(gguf.GGMLQuantizationType, TENSOR_TYPES[dtype])
     state = to_hf_state_dict(model.state_dict())
@@ -137,8 +162,3 @@ def write_gguf(model: Transformer, tokenizer_dir: Path, path: Path, dtype: str =
         base = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None))[0]
         w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
                      (base / rope_inv_freq(cfg)[0]).numpy().astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .errors import UserError
+
 # Dense peak FLOP/s per device, (bf16/fp16, tf32/fp32), from the vendors' data sheets. fp32 runs
-# on CUDA use TF32 tensor cores (train.start_accelerator), so the second figure is TF32's.
+# on CUDA use TF32 tensor cores (launch.start_accelerator), so the second figure is TF32's.
 PEAK_FLOPS: dict[str, tuple[float, float]] = {
     "H200": (989e12, 494e12),
     "H100 PCIe": (756e12, 378e12),
@@ -83,3 +88,50 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 def trackers_for(report_to: str) -> list[str]:
     return {"none": [], "all": ["wandb", "tensorboard"]}.get(report_to, [report_to])
+
+
+def check_trackers(report_to: str) -> None:
+    """Fail before anything is written when a tracker cannot start (no wandb login, no tensorboard)."""
+    if report_to in ("wandb", "all") and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled",
+                                                                                          "dryrun"):
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--report_to wandb needs the wandb package: pip install wandb") from None
+        try:
+            wandb.Api(timeout=10)
+        except Exception as e:  # wandb raises its own UsageError when no API key is configured
+            if "api key" in str(e).lower():
+                raise UserError("--report_to wandb needs a login: run `wandb login`, set WANDB_API_KEY, or set "
+                                "WANDB_MODE=offline to log locally") from None
+        finally:
+            wandb.teardown()  # Api() sets up wandb's process-wide state; the run sets it up again itself
+    if report_to in ("tensorboard", "all"):
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise UserError("--report_to tensorboard needs the tensorboard package: pip install tensorboard") from None
+
+
+class SpikeWatch:
+    """Flags a logged training loss far above the median of the recent ones: more than half a nat
+    and six median absolute deviations above it (the noise of the recent steps). Once per spike:
+    it re-arms when a loss comes back under the line. Costs nothing: the loss is already read."""
+
+    WINDOW, MIN_GAP, MADS = 20, 0.5, 6.0
+
+    def __init__(self, history: list[float]) -> None:
+        self.recent = history[-self.WINDOW:]
+        self.armed = True
+
+    def check(self, loss: float) -> float | None:
+        """The median a spike rose above, or None."""
+        spike = None
+        if len(self.recent) >= self.WINDOW // 2:
+            median = statistics.median(self.recent)
+            mad = statistics.median(abs(x - median) for x in self.recent)
+            above = loss > median + max(self.MIN_GAP, self.MADS * mad) or not math.isfinite(loss)
+            spike = median if above and self.armed else None
+            self.armed = not above
+        self.recent = (self.recent + [loss])[-self.WINDOW:]
+        return spike

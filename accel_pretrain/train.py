@@ -8,67 +8,34 @@ Reads like the flowchart: get_batch -> model(x) -> cross_entropy -> backward (ac
 clip_grad_norm_ -> AdamW + schedule -> eval / checkpoint / train_log.jsonl."""
 from __future__ import annotations
 
-import ctypes
-import logging
 import math
 import os
 import pickle
-import platform
-import re
-import statistics
 import sys
 import time
-from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 
 from . import __version__
 from .checkpoint import list_checkpoints, save_checkpoint
-from .config import (MODEL_FIELDS, TrainConfig, changes, flatten, help_text, model_config_from_dict, resolve,
-                     resolve_precision)
+from .config import MODEL_FIELDS, TrainConfig, changes, flatten, help_text, resolve, resolve_precision
 from .data import TokenData, check_same_tokenizer, step_windows
 from .errors import UserError, run_cli
 from .evaluate import metrics, score
-from .memory import GIB, free_bytes, generous_bound, largest_micro_batch, step_memory
+from .launch import leave, process_start, start_accelerator
+from .memory import check_memory, out_of_memory_as_user_error
 from .model import Transformer, attention_mask
 from .optim import apply_config_to_schedule, build_optimizer, build_scheduler
-from .rundir import check_steps, claim_run_dir, write_run_dir
+from .rundir import check_resume, check_steps, claim_run_dir, write_run_dir
 from .stopping import Deadline, StopRequest, StopVote, parse_duration
-from .tracking import RunLog, peak_flops, read_log, trackers_for
+from .tracking import RunLog, SpikeWatch, check_trackers, peak_flops, read_log
 
-# Peak resident memory over the tensors counted by memory.step_memory: glibc's heap and the CPU
-# kernels' own buffers (`mini`, fp32, 256 tokens a window: 1.30x at micro-batch 100 and 1.25x at 200
-# with an 8k vocabulary, 1.23x at 64 with GPT-2's 50k; peak RSS less the RSS at start).
-ALLOCATOR_OVERHEAD = {"cpu": 1.3}
 SKIP_LIMIT = 25  # fp16: overflowing steps in a row before the run stops
 PRECISION = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + gradient scaler"}
-
-
-class SpikeWatch:
-    """Flags a logged training loss far above the median of the recent ones: more than half a nat
-    and six median absolute deviations above it (the noise of the recent steps). Once per spike:
-    it re-arms when a loss comes back under the line. Costs nothing: the loss is already read."""
-
-    WINDOW, MIN_GAP, MADS = 20, 0.5, 6.0
-
-    def __init__(self, history: list[float]) -> None:
-        self.recent = history[-self.WINDOW:]
-        self.armed = True
-
-    def check(self, loss: float) -> float | None:
-        """The median a spike rose above, or None."""
-        spike = None
-        if len(self.recent) >= self.WINDOW // 2:
-            median = statistics.median(self.recent)
-            mad = statistics.median(abs(x - median) for x in self.recent)
-            above = loss > median + max(self.MIN_GAP, self.MADS * mad) or not math.isfinite(loss)
-            spike = median if above and self.armed else None
-            self.armed = not above
-        self.recent = (self.recent + [loss])[-self.WINDOW:]
-        return spike
 
 
 def host_to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -78,67 +45,11 @@ def host_to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.to(device, non_blocking=True)
 
 
-def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
-    With its defaults (blocks over 128 KiB mapped afresh, the threshold raised only to the largest
-    block freed so far and never past 32 MiB, the heap top trimmed beyond twice that), a CPU step's
-    tensors are page-faulted in again and again: the logits of 2,048 tokens x 8,192 ids (64 MiB) and
-    their gradient on every pass (16,384 faults each; a log_softmax costs 4x its arithmetic), an
-    RMSNorm's 3 MB blocks of (8, 256, 384) on some passes, as the randomised heap layout has it (40 to
-    720 faults per forward and backward). After this call the large blocks come from the heap and are
-    never faulted in again (tests/test_train.py), and the small ones far less often: 5% of an fp32
-    step, 10% of a bf16 one. PyTorch's CPU tuning guide preloads
-    jemalloc or tcmalloc for the same reason; two mallopt settings get the reuse from the allocator
-    every Linux already has: no mmap for large blocks (glibc still falls back to it where the heap
-    cannot grow), and no trimming until 1 GiB is free at the heap top. Returns whether they were
-    applied (not on macOS, Windows or musl)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-
-
 def param_checksum(model: torch.nn.Module) -> float:
     """A float64 sum over all weights: equal on every rank exactly when the replicas agree. Under
     FSDP2 a weight is a DTensor whose sum is partial on each rank: full_tensor() adds the shards."""
     sums = (p.detach().double().sum() for p in model.parameters())
     return float(sum(t.full_tensor() if hasattr(t, "full_tensor") else t for t in sums))
-
-
-def check_trackers(report_to: str) -> None:
-    """Fail before anything is written when a tracker cannot start (no wandb login, no tensorboard)."""
-    if report_to in ("wandb", "all") and os.environ.get("WANDB_MODE", "").lower() not in ("offline", "disabled",
-                                                                                          "dryrun"):
-        try:
-            import wandb
-        except ImportError:
-            raise UserError("--report_to wandb needs the wandb package: pip install wandb") from None
-        try:
-            wandb.Api(timeout=10)
-        except Exception as e:  # wandb raises its own UsageError when no API key is configured
-            if "api key" in str(e).lower():
-                raise UserError("--report_to wandb needs a login: run `wandb login`, set WANDB_API_KEY, or set "
-                                "WANDB_MODE=offline to log locally") from None
-        finally:
-            wandb.teardown()  # Api() sets up wandb's process-wide state; the run sets it up again itself
-    if report_to in ("tensorboard", "all"):
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise UserError("--report_to tensorboard needs the tensorboard package: pip install tensorboard") from None
-
-
-def check_resume(ckpt: Path, state: dict[str, Any], cfg: TrainConfig, data: TokenData) -> None:
-    """The checkpoint's model shape and data must be this run's."""
-    saved = asdict(model_config_from_dict(state["model_config"]))  # fields it predates take their defaults
-    diffs = [f"{k} {saved[k]} -> {v}" for k, v in cfg.to_dict()["model"].items()
-             if k != "initializer_range" and saved[k] != v]
-    if diffs:
-        raise UserError(f"cannot resume {ckpt}: the model shape differs ({', '.join(diffs)})")
-    if state.get("data_fingerprint") != data.fingerprint():
-        raise UserError(f"cannot resume {ckpt}: it was trained on other data ({state.get('data_dir')}); "
-                        "resume with the same --data")
 
 
 def configure(argv: list[str]) -> tuple[TrainConfig, TokenData, str]:
@@ -180,77 +91,6 @@ def mixture_line(data: TokenData) -> str:
     if abs(sum(given) - 1) > 1e-9:
         line += f" (the weights given sum to {sum(given):g}; each is divided by that)"
     return line
-
-
-def check_memory(cfg: TrainConfig, model: Transformer, accelerator) -> None:
-    """Refuse, before anything is written, a batch whose step cannot fit the device's free memory
-    (GPU) or the RAM available (CPU) of any rank, as memory.step_memory counts the step's peak.
-    Every rank takes the same decision, so none goes on to write the run directory alone."""
-    from accelerate.utils import gather_object
-
-    verdicts = [memory_verdict(cfg, model, accelerator)]
-    if accelerator.num_processes > 1:
-        verdicts = gather_object(verdicts)
-    if refusal := next((v for v in verdicts if v), None):
-        raise UserError(refusal)
-
-
-def memory_verdict(cfg: TrainConfig, model: Transformer, accelerator) -> str | None:
-    """This rank's refusal, or None when the step fits."""
-    mb, T = cfg.micro_batch_size, cfg.block_size
-    device = accelerator.device
-    free, where = free_bytes(device)
-    # On a CPU the weights already sit in the RAM that free_bytes leaves out.
-    resident = sum(p.numel() * p.element_size() for p in model.parameters()) if device.type == "cpu" else 0
-    margin = ALLOCATOR_OVERHEAD.get(device.type, 1.0)
-    if generous_bound(cfg.model, mb, T, cfg.document_masking) * margin <= free + resident:
-        return None
-    kind, world = accelerator.distributed_type.name, accelerator.num_processes
-    need = step_memory(cfg, accelerator.mixed_precision, shards=world if kind == "FSDP" else 1,
-                       bucket_copy=kind == "MULTI_GPU" and world > 1, flex=device.type == "cuda")
-    room = (free + resident) / margin  # what the counted tensors may take
-    if need.total <= room:
-        return None
-    return (f"a step of micro-batch {mb} x {T} tokens needs about {need.total * margin / GIB:.1f} GiB "
-            f"({need.activations / GIB:.1f} GiB of activations and the backward's tensors, {need.state / GIB:.1f} "
-            f"GiB of weights, gradients and optimizer state" + (f", x{margin} for the allocator" if margin > 1 else "")
-            + f"), but only {free / GIB:.1f} GiB {where}; "
-            + memory_advice(cfg, min(largest_micro_batch(need, room), mb - 1)))
-
-
-def memory_advice(cfg: TrainConfig, fits: int | None) -> str:
-    """What to lower, keeping the tokens per optimizer step."""
-    mb, ga = cfg.micro_batch_size, cfg.gradient_accumulation_steps
-    if fits == 0:
-        return (f"not even one window of {cfg.block_size} tokens fits: lower --block_size, use a smaller model"
-                + ("" if cfg.activation_checkpointing else ", or pass --activation_checkpointing"))
-    smaller = fits if fits else max(1, mb // 2)
-    while mb * ga % smaller:  # a divisor, so the tokens per step stay exactly the same
-        smaller -= 1
-    text = (f"lower --micro_batch_size to {smaller} and raise --gradient_accumulation_steps to "
-            f"{mb * ga // smaller} to keep {mb * ga * cfg.block_size:,} tokens per step and process")
-    return text + ("" if cfg.activation_checkpointing else ", or pass --activation_checkpointing")
-
-
-@contextmanager
-def out_of_memory_as_user_error(cfg: TrainConfig) -> Iterator[None]:
-    """An allocation that fails (torch.OutOfMemoryError on a GPU, the CPU allocator's RuntimeError)
-    becomes one line with the size it tried and what to lower."""
-    try:
-        yield
-    except RuntimeError as e:
-        text = str(e)
-        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in text:
-            raise
-        tried = re.search(r"(?i)tried to allocate (\d+) bytes", text)
-        size = f"{int(tried[1]) / GIB:.2f} GiB" if tried else (re.search(r"(?i)tried to allocate ([\d.]+ \w+)", text)
-                                                                 or ["", "memory"])[1]
-        line = (f"out of memory: a step of micro-batch {cfg.micro_batch_size} x {cfg.block_size} tokens tried to "
-                f"allocate {size} more; " + memory_advice(cfg, None))
-        rank = int(os.environ.get("RANK", "0"))
-        if rank:  # one rank alone ran out: the CLI prints rank 0's errors only, so this one says it itself
-            print(f"error: rank {rank}: {line}", file=sys.stderr, flush=True)
-        raise UserError(line) from None
 
 
 def build_model(cfg: TrainConfig, data: TokenData) -> Transformer:
@@ -297,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
 @dataclass
 class Run:
-    """What the loop carries from one step to the next."""
+    """What the loop carries from one step to the next; what follows from the parts is derived here."""
 
     cfg: TrainConfig
     data: TokenData
@@ -305,28 +145,30 @@ class Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    log: RunLog
-    bar: Any
     state: dict[str, Any]  # the checkpoint's train state when resuming, else {}
-    tokens_per_step: int
-    flops_per_token: float
-    peak_flops: float | None  # per device, for MFU (None: unknown)
-    eos: int | None  # documents end at EOS when --document_masking
-    spikes: SpikeWatch
     tokenizer: Any  # the data's, for --eval_tasks (else None)
-    vote: StopVote
     deadline: Deadline
-    tokens_seen: int = 0
+    bar: Any = None
+    spikes: SpikeWatch = field(default_factory=lambda: SpikeWatch([]))
     t_start: float = field(default_factory=time.perf_counter)
     t_last: float = field(default_factory=time.perf_counter)
-    tokens_last: int = 0
-    # The first optimizer step whose gradient norm was not finite, or (fp16) that made the gradient
-    # scaler skip SKIP_LIMIT steps in a row (0: none), with its norm; kept on the device and read only
-    # where the loop syncs anyway (log, eval, save): no host sync per step on a GPU.
-    bad_step: torch.Tensor | None = None
-    bad_norm: torch.Tensor | None = None
-    skipped: torch.Tensor | None = None  # fp16: whether the last step was skipped
-    skip_streak: torch.Tensor | None = None  # fp16: skipped steps in a row
+
+    def __post_init__(self) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        self.log = RunLog(Path(cfg.out) / "train_log.jsonl", accelerator.is_main_process)
+        self.tokens_per_step = (cfg.micro_batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+                                * accelerator.num_processes)
+        self.flops_per_token = accelerator.unwrap_model(self.model).flops_per_token(cfg.block_size)
+        self.peak_flops = peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_flops)  # None: unknown
+        self.eos = self.data.meta.get("eos_token_id") if cfg.document_masking else None  # documents end at EOS
+        self.vote = StopVote(accelerator.num_processes)
+        self.tokens_seen = self.tokens_last = self.state.get("tokens_seen", 0)
+        # The first optimizer step whose gradient norm was not finite, or (fp16) that made the gradient
+        # scaler skip SKIP_LIMIT steps in a row (0: none), with its norm; kept on the device and read only
+        # where the loop syncs anyway (log, eval, save): no host sync per step on a GPU.
+        zero = lambda dtype: torch.zeros((), dtype=dtype, device=accelerator.device)  # noqa: E731
+        self.bad_step, self.bad_norm = zero(torch.long), zero(torch.float32)
+        self.skipped, self.skip_streak = zero(torch.bool), zero(torch.long)  # fp16: the last step's, in a row
 
     @property
     def dir(self) -> Path:
@@ -374,20 +216,8 @@ def setup(cfg: TrainConfig, data: TokenData, precision_why: str, held: ExitStack
             raise UserError(f"cannot load checkpoint {ckpt} safely ({str(e).splitlines()[0][:200]}); "
                             "resume from another checkpoint") from None
         apply_config_to_schedule(scheduler, cfg)
-    run = Run(cfg=cfg, data=data, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-              log=RunLog(Path(cfg.out) / "train_log.jsonl", accelerator.is_main_process), bar=None, state=state,
-              tokens_per_step=cfg.micro_batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-              * accelerator.num_processes,
-              flops_per_token=accelerator.unwrap_model(model).flops_per_token(cfg.block_size),
-              peak_flops=peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_flops),
-              eos=data.meta.get("eos_token_id") if cfg.document_masking else None, spikes=SpikeWatch([]),
-              tokenizer=tokenizer, vote=StopVote(accelerator.num_processes), deadline=Deadline(cfg.time_limit, checkpoint_bytes(model),
-                                                                          process_start()),
-              tokens_seen=state.get("tokens_seen", 0), tokens_last=state.get("tokens_seen", 0),
-              bad_step=torch.zeros((), dtype=torch.long, device=accelerator.device),
-              bad_norm=torch.zeros((), device=accelerator.device),
-              skipped=torch.zeros((), dtype=torch.bool, device=accelerator.device),
-              skip_streak=torch.zeros((), dtype=torch.long, device=accelerator.device))
+    run = Run(cfg, data, accelerator, model, optimizer, scheduler, state, tokenizer,
+              Deadline(cfg.time_limit, checkpoint_bytes(model), process_start()))
     open_log(run, ckpt, precision_why)
     return run
 
@@ -415,83 +245,6 @@ def task_tokenizer(cfg: TrainConfig, data: TokenData, accelerator) -> Any:
 def checkpoint_bytes(model: torch.nn.Module) -> int:
     """This process's bytes of a checkpoint: weights and AdamW's two moments (Muon's one is smaller)."""
     return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def process_start() -> float:
-    """When this process started (Unix time): a --time_limit counts from there, imports included."""
-    import psutil
-
-    return psutil.Process().create_time()
-
-
-def check_launch(cfg: TrainConfig) -> None:
-    """Refuse, in one line and before anything starts, the launch configs this package cannot run right."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise UserError("DeepSpeed is not supported; use accelerate_configs/fsdp.yaml (FSDP2 shards weights, gradients "
-                        "and optimizer state like ZeRO-3; fsdp_reshard_after_forward: false keeps the weights "
-                        "gathered like ZeRO-2)")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
-        return
-    if os.environ.get("FSDP_VERSION", "1") != "2":
-        raise UserError("the launch config asks for FSDP1, which flattens the weights (Muon cannot step them, and "
-                        "checkpoints hold flat shards); set fsdp_version: 2 as accelerate_configs/fsdp.yaml does")
-    if cfg.mixed_precision == "fp16":
-        raise UserError("fp16 under FSDP is not supported: Accelerate's gradient scaler for FSDP2 checks each rank's "
-                        "shard alone, so ranks can disagree on skipping a step; use bf16")
-    refuse_fsdp_on_cpu()
-
-
-def refuse_fsdp_on_cpu() -> None:
-    if not torch.cuda.is_available():
-        raise UserError("the launch config asks for FSDP, which Accelerate runs only on GPUs (on CPU it fails, or "
-                        "trains unsharded without a word); use cpu_ddp.yaml on a CPU")
-
-
-def fsdp_plugin(precision: str):  # noqa: ANN201
-    """Under an FSDP launch config: FSDP2 as the config sets it (Accelerate reads its FSDP_* variables),
-    in bf16 with bf16 weights for compute and gradients reduced in fp32, as torchtitan does.
-    Accelerate's own bf16 policy would also reduce in bf16 and hand back the loss in bf16."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
-        return None
-    from accelerate import FullyShardedDataParallelPlugin
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else None
-    return FullyShardedDataParallelPlugin(mixed_precision_policy=policy)
-
-
-def start_accelerator(cfg: TrainConfig):  # noqa: ANN201 (accelerate is imported here, not at module load)
-    check_launch(cfg)
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    on_cpu = not torch.cuda.is_available()
-    if on_cpu:
-        keep_freed_memory()
-    allow_tf32("cpu" if on_cpu else "cuda", cfg.mixed_precision)
-    accelerator = Accelerator(
-        cpu=on_cpu,
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with=trackers_for(cfg.report_to) or None,
-        project_dir=cfg.out,
-        step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the world size
-        dynamo_backend="inductor" if cfg.compile else None,
-        fsdp_plugin=fsdp_plugin(cfg.mixed_precision),
-    )
-    set_seed(cfg.seed)
-    return accelerator
-
-
-def allow_tf32(device_type: str, precision: str) -> bool:
-    """fp32 matmuls and convolutions on TF32 tensor cores on CUDA (Ampere and later): 8x the fp32
-    rate for a 10-bit mantissa in the products, sums kept in fp32, as single_gpu.yaml promises and
-    the MFU peak assumes. Not on a CPU, where "high" precision would let oneDNN change kernels."""
-    if device_type != "cuda" or precision != "no":
-        return False
-    torch.set_float32_matmul_precision("high")
-    torch.backends.cudnn.allow_tf32 = True
-    return True
 
 
 def open_log(run: Run, ckpt: Path | None, precision_why: str) -> None:
@@ -613,12 +366,13 @@ def score_tasks(run: Run, done: int) -> None:
     line ({"step", "tasks/TASK/METRIC": value, ..., "tasks/core"}) and tracker record. The model
     unwrapped: under DDP or --compile the plain module (no recompilation for the tasks' shapes),
     under FSDP2 the sharded one, which every rank calls as often (lm-eval pads the requests)."""
-    from .downstream import flat_metrics, make_task_lm, run_tasks
+    from .downstream import flat_metrics, run_tasks
+    from .task_lm import TaskLM
 
     cfg, accelerator = run.cfg, run.accelerator
     model = accelerator.unwrap_model(run.model)
-    lm = make_task_lm(model, run.tokenizer, cfg.micro_batch_size, accelerator.device, accelerator.process_index,
-                      accelerator.num_processes, autocast=accelerator.autocast)
+    lm = TaskLM(model, run.tokenizer, cfg.micro_batch_size, accelerator.device, accelerator.process_index,
+                accelerator.num_processes, autocast=accelerator.autocast)
     model.eval()
     try:
         scores = run_tasks(lm, task_names(cfg), cfg.eval_tasks_dir, cfg.eval_tasks_limit or None, None)
@@ -710,25 +464,6 @@ def raise_nonfinite(run: Run, step: int) -> NoReturn:
                         "--lr, or train in bf16")
     raise UserError(f"non-finite loss or gradient norm at step {step}; stopped without saving ({where}); "
                     "--resume with a lower --lr")
-
-
-def leave(code: int) -> NoReturn:
-    """Exit; a process of a multi-process run that ended well skips the interpreter's finalization.
-
-    A gloo worker thread may still be freeing the last collective's tensors when Python starts to
-    finalize; it then needs the GIL, which finalization refuses, and the process aborts with
-    "terminate called without an active exception" (about one cpu_ddp run in twenty, after a
-    successful end; pytorch/pytorch#179291). The threads cannot be joined first: DDP keeps
-    references to the process group that outlive it. Everything of value is on disk by now
-    (checkpoints and train_log.jsonl are closed after each write, trackers finished), so the
-    process flushes its streams and ends without finalization. A failed run exits normally: the
-    launcher stops the other ranks as soon as one fails, and rank 0 may still be printing the error."""
-    if code != 0 or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        sys.exit(code)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from train_bench import accelerate_tokens_per_s, make_data, model_config  # noqa
 from accel_pretrain.config import ModelConfig, TrainConfig  # noqa: E402
 from accel_pretrain.model import Transformer  # noqa: E402
 from accel_pretrain.optim import build_optimizer  # noqa: E402
-from accel_pretrain.train import keep_freed_memory  # noqa: E402
+from accel_pretrain.launch import keep_freed_memory  # noqa: E402
 
 
 def main() -> None:

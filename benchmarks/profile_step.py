@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine  # noqa: E402
 from train_bench import DEVICE, bare_step, gpt2_step, model_config  # noqa: E402
 
-from accel_pretrain.train import keep_freed_memory  # noqa: E402
+from accel_pretrain.launch import keep_freed_memory  # noqa: E402
 
 
 GROUPS = [  # first match wins; names are aten operator names

@@ -26,7 +26,8 @@ from _common import machine  # noqa: E402
 
 from accel_pretrain.config import PRESETS, ModelConfig, TrainConfig  # noqa: E402
 from accel_pretrain.data import TokenData, step_windows  # noqa: E402
-from accel_pretrain.downstream import make_task_lm, run_tasks  # noqa: E402
+from accel_pretrain.downstream import run_tasks  # noqa: E402
+from accel_pretrain.task_lm import TaskLM  # noqa: E402
 from accel_pretrain.model import Transformer  # noqa: E402
 from accel_pretrain.optim import build_optimizer  # noqa: E402
 
@@ -65,7 +66,7 @@ def main() -> None:
         times.append(time.perf_counter() - t)
     step_s = statistics.median(times[2:])
     tokenizer = AutoTokenizer.from_pretrained(str(data.dir / "tokenizer"))
-    lm = make_task_lm(model.eval(), tokenizer, cfg.micro_batch_size, torch.device("cpu"))
+    lm = TaskLM(model.eval(), tokenizer, cfg.micro_batch_size, torch.device("cpu"))
     names = args.tasks.split(",")
     print(f"{args.preset}, block {args.block_size}, micro-batch {args.micro_batch_size}, fp32, {machine()}")
     print(f"optimizer step (the baseline): {step_s:.3f} s (median of {args.steps})")

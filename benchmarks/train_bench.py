@@ -38,7 +38,7 @@ from accel_pretrain.config import PRESETS, ModelConfig, TrainConfig  # noqa: E40
 from accel_pretrain.model import Transformer  # noqa: E402
 from accel_pretrain.optim import build_optimizer  # noqa: E402
 from accel_pretrain.tracking import peak_flops  # noqa: E402
-from accel_pretrain.train import keep_freed_memory  # noqa: E402
+from accel_pretrain.launch import keep_freed_memory  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

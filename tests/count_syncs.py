@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from accel_pretrain import train
+from accel_pretrain import launch, train
 
 counts: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
 current = [-1]  # the step being run; -1 before the first: setup
@@ -60,7 +60,7 @@ def main() -> None:
     rank = os.environ.get("RANK", "0")
     with open(f"{out}.rank{rank}", "w") as f:
         json.dump({str(k): v for k, v in sorted(counts.items())}, f)
-    train.leave(code)
+    launch.leave(code)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,14 @@ their FSDP2 branches. Run as `accelerate launch --config_file CPU_FSDP.yaml -m t
 
 Accelerate picks FSDP only from a GPU-like distributed type (AcceleratorState.__init__ switches to
 FSDP from MULTI_GPU, never from MULTI_CPU), so on a CPU it would train plain DDP, which is why train
-refuses FSDP there (refuse_fsdp_on_cpu). This replaces that one refusal: the gloo group is set up
+refuses FSDP there (launch.refuse_fsdp_on_cpu). This replaces that one refusal: the gloo group is set up
 as MULTI_CPU, and the state's decision then sees MULTI_GPU and becomes FSDP. Everything else is
 train's own code path."""
 from __future__ import annotations
 
 import sys
 
-from accel_pretrain import train
+from accel_pretrain import launch, train
 
 
 def promote_cpu_ranks_to_fsdp() -> None:
@@ -23,7 +23,7 @@ def promote_cpu_ranks_to_fsdp() -> None:
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
 
 
-train.refuse_fsdp_on_cpu = promote_cpu_ranks_to_fsdp
+launch.refuse_fsdp_on_cpu = promote_cpu_ranks_to_fsdp
 
 if __name__ == "__main__":
-    train.leave(train.main(sys.argv[1:]))
+    launch.leave(train.main(sys.argv[1:]))

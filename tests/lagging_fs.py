@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import sys
 
-from accel_pretrain import checkpoint, rundir, train
+from accel_pretrain import checkpoint, launch, rundir, train
 
 if int(os.environ.get("RANK", "0")) != 0:
     for module in (checkpoint, rundir):
         module.list_checkpoints = lambda run: []
 
 if __name__ == "__main__":
-    train.leave(train.main(sys.argv[1:]))
+    launch.leave(train.main(sys.argv[1:]))

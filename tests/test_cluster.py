@@ -131,7 +131,7 @@ def test_mfu_is_logged_against_peak_flops(tmp_path, data_dir):
 
 
 def test_tf32_only_for_fp32_on_cuda():
-    from accel_pretrain.train import allow_tf32
+    from accel_pretrain.launch import allow_tf32
 
     before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
     try:

@@ -36,10 +36,10 @@ def ours(source) -> object:
     from transformers import AutoTokenizer
 
     from accel_pretrain.checkpoint import load_any
-    from accel_pretrain.downstream import make_task_lm
+    from accel_pretrain.task_lm import TaskLM
 
     model, tokenizer, _ = load_any(str(source))
-    return make_task_lm(model.eval(), AutoTokenizer.from_pretrained(tokenizer), 4, torch.device("cpu"))
+    return TaskLM(model.eval(), AutoTokenizer.from_pretrained(tokenizer), 4, torch.device("cpu"))
 
 
 def assert_same(a: dict, b: dict) -> None:

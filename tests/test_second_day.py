@@ -153,9 +153,9 @@ def test_typos_get_the_closest_name(tmp_path, data_dir, capsys, args, expected):
 
 def test_a_batch_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, data_dir, capsys, monkeypatch):
     """The same check as on a machine with 64 MiB free: free_bytes is what changes."""
-    import accel_pretrain.train as train_module
+    import accel_pretrain.memory as memory_module
 
-    monkeypatch.setattr(train_module, "free_bytes", lambda device: (64 << 20, "of RAM is available"))
+    monkeypatch.setattr(memory_module, "free_bytes", lambda device: (64 << 20, "of RAM is available"))
     run = tmp_path / "run"
     assert train("--data", data_dir, "--out", run, *TINY, "--micro_batch_size", 512, "--max_steps", 2) == 2
     err = capsys.readouterr().err.strip()
@@ -322,7 +322,7 @@ def test_activation_checkpointing_under_compile_and_ddp(tmp_path, data_dir):
 
 
 def test_spike_watch_flags_a_jump_once_and_not_the_noise():
-    from accel_pretrain.train import SpikeWatch
+    from accel_pretrain.tracking import SpikeWatch
 
     rng = torch.Generator().manual_seed(0)
     falling = [6.0 * 0.97 ** i + 0.1 * float(torch.randn((), generator=rng)) for i in range(200)]
@@ -348,20 +348,6 @@ def test_a_spike_after_resuming_with_a_far_higher_lr_is_logged_and_named(tmp_pat
     assert events().count("spike") == 1
 
 
-def test_every_train_flag_in_readme_exists():
-    """README's commands (the divergence recipe included) must run as written: every --flag after
-    `accel_pretrain.train` on a README line is a field of train."""
-    import re
-
-    from accel_pretrain.config import MODEL_FIELDS, TRAIN_FIELDS
-
-    text = (ROOT / "README.md").read_text().replace("\\\n", " ")
-    flags = {f for line in text.splitlines() if "accel_pretrain.train" in line
-             for f in re.findall(r"(?<![\w-])--(\w+)", line.split("accel_pretrain.train", 1)[1])}
-    assert {"resume", "lr", "grad_clip", "gradient_accumulation_steps", "preset"} <= flags
-    assert flags - set(TRAIN_FIELDS) - set(MODEL_FIELDS) - {"config", "help"} == set()
-
-
 def test_plot_marks_divergence_and_refuses_an_unwritable_path_in_one_line(tmp_path, trained_run, capsys):
     from accel_pretrain import plot
 
@@ -379,7 +365,7 @@ def test_a_cuda_out_of_memory_error_becomes_the_same_one_line(monkeypatch, capsy
     """torch.OutOfMemoryError as the CUDA caching allocator words it (no GPU here to make one)."""
     from accel_pretrain.config import TrainConfig
     from accel_pretrain.errors import UserError
-    from accel_pretrain.train import out_of_memory_as_user_error
+    from accel_pretrain.memory import out_of_memory_as_user_error
 
     cfg = TrainConfig(micro_batch_size=16, block_size=1024, gradient_accumulation_steps=4)
     with pytest.raises(UserError) as e, out_of_memory_as_user_error(cfg):

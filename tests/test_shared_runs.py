@@ -89,26 +89,85 @@ def test_a_bad_time_limit_is_one_line(tmp_path, data_dir, capsys):
     assert not (tmp_path / "run").exists()
 
 
+class Clock:
+    """time.time() and time.monotonic() for stopping.Deadline, moved by the test."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def steps_until_due(deadline, clock: Clock, step_s: float, save_every: int = 0, save_s: float = 0.0) -> int:
+    """Run the loop's decision as train.main does: a step, step_done(), due(); returns the step that stops."""
+    for step in range(1, 10_000):
+        clock.now += step_s
+        if save_every and step % save_every == 0:
+            clock.now += save_s
+            deadline.saved(save_s)
+        deadline.step_done()
+        if deadline.due():
+            return step
+    raise AssertionError("never due")
+
+
 @pytest.mark.parametrize("source", ["--time_limit", "SLURM_JOB_END_TIME"])
-def test_a_time_limited_job_saves_and_stops_before_its_end(tmp_path, data_dir, source):
-    """No signal: the trainer itself stops with a margin (two steps, two saves, 30 s) before the end,
-    given as --time_limit (from the process start) or as SLURM's end time of the job, and saves."""
-    run, limit = tmp_path / "run", 60
-    args = [*TINY, "--max_steps", 10 ** 6, "--eval_interval", 10 ** 6, "--save_interval", 10 ** 6, "--log_interval", 100]
-    env = dict(ENV)
+def test_the_stop_comes_when_two_steps_two_saves_and_30_s_no_longer_fit(monkeypatch, source):
+    """The stopping decision on an injected clock: --time_limit counts from the process start (imports
+    included), SLURM_JOB_END_TIME is the job's end, the earlier end wins; the margin is twice the slowest
+    of the last 8 steps, twice the last save (before any: the state's bytes at 200 MB/s) and 30 s."""
+    from accel_pretrain import stopping
+
+    clock = Clock(1_000_000.0)
+    monkeypatch.setattr(stopping, "time", clock)
+    monkeypatch.delenv("SLURM_JOB_END_TIME", raising=False)
     if source == "--time_limit":
-        args += ["--time_limit", limit]
+        deadline = stopping.Deadline("2m", state_bytes=400_000_000, start=clock.now - 20)  # started 20 s ago
     else:
-        env["SLURM_JOB_END_TIME"] = str(int(time.time()) + limit)
-        args += ["--time_limit", "1d"]  # the earlier of the two ends counts
-    started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "accel_pretrain.train", "--data", str(data_dir), "--out", str(run),
-                           *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    took = time.time() - started
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    step = int(re.search(r"stopped before the time limit at step (\d+); checkpoint saved", proc.stdout)[1])
-    assert list_checkpoints(run)[-1].name == f"step_{step:07d}" and step > 10
-    assert took < limit - 20, took  # the 30 s margin, less what the last steps and the save took
+        monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(clock.now) + 100))
+        deadline = stopping.Deadline("1d", state_bytes=400_000_000, start=clock.now)
+    assert deadline.end == clock.now + 100
+    # 1 s steps, no save yet (2 s estimated): due once now + 2 + 4 + 30 >= end, at 64 s
+    assert steps_until_due(deadline, clock, 1.0) == 64
+
+
+def test_a_slow_step_or_a_slow_save_moves_the_stop_earlier(monkeypatch):
+    from accel_pretrain import stopping
+
+    monkeypatch.setattr(stopping, "time", clock := Clock(0.0))
+    monkeypatch.delenv("SLURM_JOB_END_TIME", raising=False)
+    assert stopping.Deadline(None, 10 ** 12).due() is False  # no limit: never due
+    assert steps_until_due(stopping.Deadline("100", 0, start=0.0), clock, 1.0) == 68  # 68 + 2 x 1 + 30 >= 100
+    clock.now = 0.0  # every 10th step also saves for 6 s: that step took 7 s, so 2 x 7 + 2 x 6 + 30 = 56 s
+    assert steps_until_due(stopping.Deadline("100", 0, start=0.0), clock, 1.0, save_every=10, save_s=6.0) == 30
+    assert clock.now == 48.0  # 41 s at step 29: 41 + 56 < 100
+    clock.now = 0.0
+    deadline = stopping.Deadline("100", 0, start=0.0)
+    for step_s in (1.0, 1.0, 1.0, 1.0, 1.0, 20.0):  # one step took 20 s: the next two may as well
+        clock.now += step_s
+        deadline.step_done()
+    assert not deadline.due()  # 25 + 2 x 20 + 30 < 100
+    clock.now = 31.0
+    assert deadline.due()  # 31 + 70 >= 100, where 1 s steps alone would leave 37 s to go
+
+
+def test_a_time_limited_job_saves_and_stops_before_its_end(tmp_path, data_dir, monkeypatch, capsys):
+    """End to end, no signal: a job whose SLURM end is 45 s away (and a --time_limit of a day: the
+    earlier end counts) stops by itself, saved, at least the 30 s margin before its end. Nothing here
+    depends on how fast this machine is, as long as a step and a save take less than that margin."""
+    end = int(time.time()) + 45
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(end))
+    run = tmp_path / "run"
+    assert train("--data", data_dir, "--out", run, *TINY, "--max_steps", 10 ** 6, "--eval_interval", 10 ** 6,
+                 "--save_interval", 10 ** 6, "--log_interval", 100, "--time_limit", "1d") == 0
+    assert time.time() < end - 10
+    step = int(re.search(r"stopped before the time limit at step (\d+); checkpoint saved", capsys.readouterr().out)[1])
+    assert list_checkpoints(run)[-1].name == f"step_{step:07d}" and step >= 1
+    assert [r["step"] for r in read_log(run / "train_log.jsonl") if r.get("event") == "end"] == [step]
 
 
 def test_launch_node_takes_its_port_from_the_job_id(tmp_path):

@@ -11,7 +11,9 @@ import pytest
 
 from tests.conftest import WORDS, make_documents
 from tokenization.corpus import DocPart
-from tokenization.prepare import MAX_PIECE_CHARS, Cutter, keep_every_token, main, pieces
+from tokenization.encode import MAX_PIECE_CHARS, Cutter, pieces
+from tokenization.prepare import main
+from tokenization.tokenizer import keep_every_token
 
 GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 LLAMA3_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"""
@@ -92,10 +94,10 @@ def doc() -> str:
 def test_pieces_encode_like_the_whole_document(tmp_path, doc, kind):
     backend, encode = encode_fn(build_tokenizer(tmp_path / kind, kind, [long_document(200_000, seed=1)]))
     whole = backend.encode(doc, add_special_tokens=False).ids
-    cutter, forced = Cutter(encode), [0]
+    cutter = Cutter(encode)
     parts = [DocPart(doc[i:i + 300_000], i + 300_000 >= len(doc), (0, 0)) for i in range(0, len(doc), 300_000)]
-    out = list(pieces(iter(parts), cutter, forced))
-    assert len(out) > 40 and forced == [0] and max(len(p.text) for p in out) < MAX_PIECE_CHARS
+    out = list(pieces(iter(parts), cutter))
+    assert len(out) > 40 and cutter.forced == 0 and max(len(p.text) for p in out) < MAX_PIECE_CHARS
     assert sum(p.nbytes for p in out) == len(doc.encode("utf-8"))
     assert cutter.drop_space == (kind == "sentencepiece")
     chunked = [i for ids in encode([p.text for p in out]) for i in ids]
@@ -117,9 +119,9 @@ def test_trained_bpe_prepare_of_one_huge_txt_document_equals_whole_encoding(tmp_
 
 def test_text_without_any_safe_cut_is_cut_anyway_and_counted(capsys):
     text = "x" * (MAX_PIECE_CHARS + 10)
-    forced = [0]
-    out = list(pieces(iter([DocPart(text, True, (0, 0))]), Cutter(), forced))
-    assert forced == [1] and "".join(p.text for p in out) == text
+    cutter = Cutter()
+    out = list(pieces(iter([DocPart(text, True, (0, 0))]), cutter))
+    assert cutter.forced == 1 and "".join(p.text for p in out) == text
 
 
 def test_truncation_and_padding_in_tokenizer_json_are_ignored(tmp_path, capsys):

@@ -154,7 +154,7 @@ def test_other_tokenizations_are_refused(folders, prepared):
 def test_meta_records_the_fingerprint_of_the_loaded_tokenizer(folders, prepared):
     from transformers import AutoTokenizer
 
-    from tokenization.prepare import legacy_sha256, tokenizer_fingerprint
+    from tokenization.tokenizer import legacy_sha256, tokenizer_fingerprint
 
     for name in ("plain", "qwen2", "wl"):
         meta = json.loads((prepared[name] / "meta.json").read_text())
@@ -195,7 +195,7 @@ def test_data_of_older_versions_keeps_passing(folders, prepared, tmp_path):
 
 
 def test_a_fingerprint_does_not_depend_on_the_process(folders, prepared):
-    code = ("import sys; from tokenization.prepare import load_tokenizer, tokenizer_fingerprint; "
+    code = ("import sys; from tokenization.tokenizer import load_tokenizer, tokenizer_fingerprint; "
             "print(tokenizer_fingerprint(load_tokenizer(sys.argv[1])))")
     for name in ("plain", "qwen2"):
         want = json.loads((prepared[name] / "meta.json").read_text())["tokenizer_fingerprint"]
@@ -210,7 +210,7 @@ def test_a_tokenizer_without_a_rust_backend_is_fingerprinted(tmp_path, folders):
     """ByT5's tokenizer is Python only (no tokenizer.json): class, vocabulary, added tokens and settings."""
     from transformers import ByT5Tokenizer
 
-    from tokenization.prepare import load_tokenizer, tokenizer_fingerprint
+    from tokenization.tokenizer import load_tokenizer, tokenizer_fingerprint
 
     ByT5Tokenizer().save_pretrained(str(tmp_path / "byt5"))
     tok = load_tokenizer(str(tmp_path / "byt5"))

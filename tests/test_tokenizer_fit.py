@@ -13,9 +13,10 @@ from transformers import AutoTokenizer
 
 from tests.conftest import WORDS, build_wordlevel_tokenizer, make_documents
 from tests.test_tokenize_scale import build_tokenizer
-from tokenization import prepare
+from tokenization import encode
 from tokenization.merge import main as merge_main
-from tokenization.prepare import SINGLE_SPACE, WHITESPACE_ONLY, main, token_classes
+from tokenization.fit import SINGLE_SPACE, WHITESPACE_ONLY, token_classes
+from tokenization.prepare import main
 
 
 def indented_documents(n: int, seed: int = 0) -> list[str]:
@@ -87,7 +88,7 @@ def test_prose_fits_without_warning(tmp_path, capsys, prose_bpe):
 
 
 def test_one_long_document_over_many_batches_counts_exactly(tmp_path, capsys, prose_bpe, monkeypatch):
-    monkeypatch.setattr(prepare, "BATCH_CHARS", 50_000)  # pieces of 64k characters, several batches
+    monkeypatch.setattr(encode, "BATCH_CHARS", 50_000)  # pieces of 64k characters, several batches
     corpus = tmp_path / "one.txt"
     corpus.write_text("".join(indented_documents(600, seed=2)), encoding="utf-8")
     fit, _, _ = run(capsys, corpus, "--tokenizer", prose_bpe, "--out", tmp_path / "d")

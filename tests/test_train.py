@@ -199,7 +199,7 @@ def test_document_masking_trains_resumes_and_evaluates(tmp_path, data_dir, capsy
 
 FAULTS = """
 import ctypes, json, resource, torch
-from accel_pretrain.train import keep_freed_memory
+from accel_pretrain.launch import keep_freed_memory
 libc = ctypes.CDLL(None)
 libc.prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: fault base pages whatever the machine's THP policy
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]

@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 from . import PrepareError, __version__
-from .prepare import TRAINED_BPE, print_fit, tokenizer_fit
+from .fit import print_fit, tokenizer_fit
+from .split import refuse_existing, staging
+from .tokenizer import TRAINED_BPE
 
 SUMMED = ("train_tokens", "valid_tokens", "train_bytes", "valid_bytes", "documents", "train_documents",
           "valid_documents")
@@ -46,8 +48,7 @@ def largest_ids(metas: list[dict]) -> dict[str, int | None]:
 
 
 def merge(dirs: list[Path], out: Path, overwrite: bool = False) -> Path:
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise PrepareError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    refuse_existing(out, overwrite)
     metas = [(d, read_meta(d)) for d in dirs]
     shards = [m.get("shard") for _, m in metas]
     if any(shards):
@@ -66,10 +67,7 @@ def merge(dirs: list[Path], out: Path, overwrite: bool = False) -> Path:
             raise PrepareError(f"{d} was prepared with another tokenizer than {metas[0][0]} ({', '.join(differs)} "
                                "differ); prepare every shard with the same --tokenizer")
     out = out.resolve()
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with staging(out) as tmp:
         shutil.copytree(metas[0][0] / "tokenizer", tmp / "tokenizer")
         meta = {"version": 1, "package_version": __version__, "tokenizer": first.get("tokenizer"),
                 **{k: first[k] for k in SAME},
@@ -88,11 +86,6 @@ def merge(dirs: list[Path], out: Path, overwrite: bool = False) -> Path:
         if all("max_token_id" in m for _, m in metas):  # likewise: training then reads the older shards' ids
             meta["max_token_id"] = largest_ids([m for _, m in metas])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
