@@ -101,6 +101,7 @@ class Deadline:
         self.save_s = state_bytes / self.WRITE_BYTES_PER_S
         self.steps: list[float] = []
         self.last = time.monotonic()
+        self.reached = False
 
     def step_done(self) -> None:
         now = time.monotonic()
@@ -112,7 +113,10 @@ class Deadline:
         self.save_s = seconds
 
     def due(self) -> bool:
+        """Once due, always due: the save that follows may be quicker than estimated and shrink the
+        margin, but the decision (and the stop message that names it) stands."""
         if self.end is None:
             return False
         need = 2 * max(self.steps, default=0.0) + 2 * self.save_s + self.SLACK_S
-        return time.time() + need >= self.end
+        self.reached = self.reached or time.time() + need >= self.end
+        return self.reached

@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
+os.environ["HF_DATASETS_OFFLINE"] = "1"  # tests read local task data only; online mode costs seconds of retries
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 WORDS = ("the cat sat on a mat while rain fell over old stone houses near river bank and birds "
@@ -57,16 +60,37 @@ def build_wordlevel_tokenizer(path: Path, words: list[str], extra: int = 0, eos:
     return path
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder built once per test session, also under pytest-xdist: the first worker to ask builds
+    it under a file lock, the others wait and then read the same folder (xdist's documented recipe for
+    session fixtures). Tests treat it as read-only; a test that must change it copies it."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers of this session
+    path, done = root / f"shared-{name}", root / f"shared-{name}.done"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """A prepared data directory (trained byte-level BPE, 512 tokens) shared by the training tests."""
     from tokenization.prepare import main
 
-    root = tmp_path_factory.mktemp("data")
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(400, seed=3)), encoding="utf-8")
-    assert main([str(corpus), "--out", str(root / "data"), "--vocab_size", "512"]) == 0
-    return root / "data"
+    def build(root: Path) -> None:
+        corpus = root / "corpus.jsonl"
+        corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in make_documents(400, seed=3)),
+                          encoding="utf-8")
+        assert main([str(corpus), "--out", str(root / "data"), "--vocab_size", "512"]) == 0
+
+    return built_once(tmp_path_factory, "data", build) / "data"
 
 
 @pytest.fixture(scope="session")
@@ -75,7 +99,24 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
     bad-input tests (a test that must change a run copies it)."""
     from tests.helpers import TINY, train
 
-    run = tmp_path_factory.mktemp("trained") / "run"
-    assert train("--data", data_dir, "--out", run, *TINY, "--max_steps", 6, "--eval_interval", 6,
-                 "--save_interval", 6) == 0
-    return run
+    def build(root: Path) -> None:
+        assert train("--data", data_dir, "--out", root / "run", *TINY, "--max_steps", 6, "--eval_interval", 6,
+                     "--save_interval", 6) == 0
+
+    return built_once(tmp_path_factory, "trained", build) / "run"
+
+
+@pytest.fixture(scope="session")
+def ddp_run(tmp_path_factory, data_dir) -> Path:
+    """The plain two-rank DDP run (cpu_ddp.yaml, gloo) that the multi-process tests compare with:
+    tests.helpers.DDP_RUN's 6 steps, checkpoints at 3 and 6, downstream tasks scored after the step-6
+    save. Read by the DDP, task-scoring, FSDP2, SLURM and lagging-filesystem tests."""
+    from tests.helpers import DDP_RUN, free_port, launch
+
+    def build(root: Path) -> None:
+        proc = launch("cpu_ddp.yaml", "--data", data_dir, "--out", root / "run", *DDP_RUN,
+                      extra=["--main_process_port", str(free_port())], env={"HF_DATASETS_OFFLINE": "1"})
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+
+    return built_once(tmp_path_factory, "ddp", build) / "run"

@@ -12,6 +12,11 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--preset", "tiny", "--block_size", "32", "--micro_batch_size", "4", "--warmup_steps", "2",
         "--eval_iters", "2", "--log_interval", "1", "--lr", "3e-3", "--mixed_precision", "no"]
+TASKS_DIR = ROOT / "tests" / "tasks"
+DDP_TASKS = ["hellaswag_local", "winogrande_local", "text_local", "continue_local"]
+# conftest's ddp_run: a run of these flags under cpu_ddp.yaml, which other multi-process runs must equal
+DDP_RUN = [*TINY, "--max_steps", "6", "--eval_interval", "6", "--save_interval", "3", "--eval_tasks", ",".join(DDP_TASKS),
+           "--eval_tasks_interval", "6", "--eval_tasks_limit", "6", "--eval_tasks_dir", str(TASKS_DIR)]
 
 
 def train(*args) -> int:
@@ -35,11 +40,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: str, *args, extra: list[str] | None = None, timeout: int = 240, **popen) -> subprocess.Popen:
+def launch(config: str, *args, extra: list[str] | None = None, env: dict[str, str] | None = None, **popen
+           ) -> subprocess.Popen:
+    """`accelerate launch --config_file accelerate_configs/CONFIG -m accel_pretrain.train ARGS`."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "accelerate_configs" / config), *(extra or []), "-m", "accel_pretrain.train",
            *[str(a) for a in args]]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 

@@ -17,7 +17,7 @@ from accel_pretrain.model import Transformer
 from accel_pretrain.optim import build_optimizer
 from accel_pretrain.tracking import peak_flops, read_log
 from accel_pretrain.train import host_to_device
-from tests.helpers import ROOT, TINY, free_port, launch, train
+from tests.helpers import ROOT, TINY, free_port, launch, train, weights
 
 
 
@@ -34,20 +34,27 @@ def _slurm_nodes(args: list, port: int) -> list[subprocess.Popen]:
     return procs
 
 
-def test_slurm_script_on_two_local_nodes_trains_then_a_requeue_resumes(tmp_path, data_dir):
+def test_slurm_script_on_two_local_nodes_trains_then_a_requeue_resumes(tmp_path, data_dir, ddp_run):
+    """slurm/launch_node.sh on two "machines" (one process each: accelerate's --num_machines 2
+    --machine_rank 0|1 --main_process_ip), with --activation_checkpointing; preempted after step 3 and
+    requeued, it ends bit-identical to the plain one-launch DDP run of the same flags (conftest's
+    ddp_run): neither two machines, nor the requeue, nor recomputing the blocks changes a bit."""
     run = tmp_path / "run"
-    args = ["--data", data_dir, "--out", run, *TINY, "--max_steps", 4, "--save_interval", 2, "--eval_interval", 4]
+    args = ["--data", data_dir, "--out", run, *TINY, "--max_steps", 6, "--save_interval", 3, "--eval_interval", 6,
+            "--activation_checkpointing"]
     for attempt in range(2):
         procs = _slurm_nodes(args, free_port())
         outs = [p.communicate(timeout=240)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outs
-        if attempt == 0:  # as if the job had been preempted after step 2 and requeued
-            shutil.rmtree(run / "checkpoints/step_0000004")
+        if attempt == 0:  # as if the job had been preempted after step 3 and requeued
+            shutil.rmtree(run / "checkpoints/step_0000006")
     log = read_log(run / "train_log.jsonl")
     assert [r["event"] for r in log if "event" in r] == ["run", "resume", "end"]
     assert log[0]["world_size"] == 2
     sums = log[-1]["param_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
+    ours, plain = weights(run / "checkpoints/step_0000006"), weights(ddp_run / "checkpoints/step_0000006")
+    assert all(torch.equal(ours[k], plain[k]) for k in plain)
 
 
 def test_fsdp_config_on_cpu_is_refused_not_silently_unsharded(tmp_path, data_dir):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from accel_pretrain.errors import run_cli
-from tests.helpers import ROOT, TINY, free_port, train
+from tests.helpers import ROOT, train
 
 TASKS_DIR = str(ROOT / "tests" / "tasks")
 TASKS = ["hellaswag_local", "arc_easy_local", "winogrande_local", "boolq_local", "text_local", "continue_local"]
@@ -25,10 +25,11 @@ def offline(monkeypatch):
 
 def samples(lm, limit: int = 6) -> dict:
     import lm_eval.evaluator
-    from lm_eval.tasks import TaskManager
+
+    from accel_pretrain.downstream import task_manager
 
     out = lm_eval.evaluator.simple_evaluate(model=lm, tasks=TASKS, limit=limit, log_samples=True, bootstrap_iters=0,
-                                            task_manager=TaskManager(include_path=TASKS_DIR))
+                                            task_manager=task_manager(TASKS_DIR))  # indexed once per process
     return out
 
 
@@ -98,7 +99,7 @@ def test_cli_prints_the_table_and_writes_the_json(tmp_path, trained_run, capsys)
 
 @pytest.mark.parametrize("args, expected", [
     (["--tasks", "hellaswag_locl", "--tasks_dir", TASKS_DIR], "error: unknown task 'hellaswag_locl'; did you mean hellaswag_local"),
-    (["--tasks", "arc_easy"], "error: task data is not available offline ("),
+    (["--tasks", "arc_easy", "--tasks_dir", TASKS_DIR], "error: task data is not available offline ("),  # indexed once
     (["--tasks", "piqa_local", "--tasks_dir", "/nonexistent"], "error: --tasks_dir /nonexistent is not a directory"),
 ])
 def test_task_mistakes_are_one_line(trained_run, capsys, args, expected):
@@ -135,35 +136,22 @@ def cli_scores(source, tasks: list[str], limit: int, tmp_path) -> dict:
     return json.loads(out.read_text())
 
 
-def test_tasks_during_training_under_ddp_equal_one_process_on_the_checkpoint(tmp_path, data_dir):
-    """Two gloo ranks: each scores half the documents, right after the step's checkpoint; the logged
-    scores equal evaluate's, in one process, on that checkpoint (under --compile: test_second_day,
-    under FSDP2: test_fsdp2)."""
-    import os
-    import subprocess
-
+def test_tasks_during_training_under_ddp_equal_one_process_on_the_checkpoint(tmp_path, ddp_run):
+    """Two gloo ranks (conftest's ddp_run): each scores half the documents, right after the step's
+    checkpoint; the logged scores equal evaluate's, in one process, on that checkpoint (under
+    --compile: test_second_day, under FSDP2: test_fsdp2)."""
     from accel_pretrain.checkpoint import list_checkpoints
+    from tests.helpers import DDP_TASKS
 
-    tasks = ["hellaswag_local", "winogrande_local", "text_local", "continue_local"]
-    run = tmp_path / "run"
-    port = free_port()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"), "--main_process_port", str(port), "-m",
-           "accel_pretrain.train", "--data", str(data_dir), "--out", str(run), *map(str, TINY), "--max_steps", "3",
-           "--save_interval", "100", "--eval_interval", "100", "--eval_tasks", ",".join(tasks),
-           "--eval_tasks_interval", "3", "--eval_tasks_limit", "6", "--eval_tasks_dir", TASKS_DIR]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    logged = task_lines(run)
-    assert list(logged) == [3] and list_checkpoints(run)[-1].name == "step_0000003"  # scored after its save
-    cli = cli_scores(list_checkpoints(run)[-1], tasks, 6, tmp_path)
+    logged = task_lines(ddp_run)
+    assert list(logged) == [6] and list_checkpoints(ddp_run)[-1].name == "step_0000006"  # scored after its save
+    cli = cli_scores(list_checkpoints(ddp_run)[-1], DDP_TASKS, 6, tmp_path)
     expected = {f"tasks/{t}/{k.split(',')[0]}": v for t, m in cli["results"].items() for k, v in m.items()
                 if "_stderr" not in k and isinstance(v, float)}
-    assert set(expected) <= set(logged[3])
+    assert set(expected) <= set(logged[6])
     for key, value in expected.items():
-        assert logged[3][key] == pytest.approx(value, rel=1e-5), key
-    assert logged[3]["tasks/core"] == pytest.approx(cli["core"], rel=1e-6)
+        assert logged[6][key] == pytest.approx(value, rel=1e-5), key
+    assert logged[6]["tasks/core"] == pytest.approx(cli["core"], rel=1e-6)
 
 
 def test_plot_draws_task_curves_next_to_the_loss(tmp_path):
@@ -191,5 +179,7 @@ def test_local_tasks_keep_lm_evals_own_prompts_and_metrics():
         from check_prompts import mismatches
     finally:
         sys.path.remove(TASKS_DIR)
-    result = mismatches()
+    from accel_pretrain.downstream import task_manager
+
+    result = mismatches(tm=task_manager(TASKS_DIR))
     assert len(result) >= 9 and not any(result.values()), result

@@ -41,28 +41,29 @@ def losses(log: list[dict]) -> list[float]:
     return [r["loss"] for r in log if "loss" in r]
 
 
-def test_fsdp2_adamw_trains_resumes_and_exports_as_the_unsharded_run(tmp_path, data_dir):
+def test_fsdp2_adamw_trains_resumes_and_exports_as_the_unsharded_run(tmp_path, data_dir, ddp_run):
+    """Against conftest's ddp_run (the same flags under cpu_ddp.yaml): saved at step 2 (in the warmup,
+    whose lr does not depend on max_steps), resumed to ddp_run's 6 with tasks scored after the save."""
     args = ["--data", data_dir, *TINY, "--eval_interval", 100, "--save_interval", 2]
-    ddp = run(str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"), "accel_pretrain.train", *args,
-              "--out", tmp_path / "ddp", "--max_steps", 4)
+    ddp = read_log(ddp_run / "train_log.jsonl")
     fsdp = tmp_path / "fsdp"
     config = cpu_fsdp_config(tmp_path)
     first = run(config, "tests.fsdp_on_cpu", *args, "--out", fsdp, "--max_steps", 2)
     assert first[0]["parameters"] == ddp[0]["parameters"]  # global sizes, not a rank's shard
     tasks = ROOT / "tests" / "tasks"
-    log = run(config, "tests.fsdp_on_cpu", "--out", fsdp, "--resume", "--max_steps", 4, "--eval_tasks",
-              "hellaswag_local,text_local", "--eval_tasks_interval", 4, "--eval_tasks_limit", 6, "--eval_tasks_dir", tasks)
+    log = run(config, "tests.fsdp_on_cpu", "--out", fsdp, "--resume", "--max_steps", 6, "--eval_tasks",
+              "hellaswag_local,text_local", "--eval_tasks_interval", 6, "--eval_tasks_limit", 6, "--eval_tasks_dir", tasks)
     from accel_pretrain import evaluate
 
     assert evaluate.main([str(fsdp), "--tasks", "hellaswag_local,text_local", "--tasks_dir", str(tasks), "--limit", "6",
                           "--output", str(tmp_path / "cli.json")]) == 0
     cli = json.loads((tmp_path / "cli.json").read_text())["results"]
     scored = [r for r in log if "tasks/hellaswag_local/acc" in r]
-    assert [r["step"] for r in scored] == [4] and scored[0]["tasks/hellaswag_local/acc"] == cli["hellaswag_local"]["acc,none"]
+    assert [r["step"] for r in scored] == [6] and scored[0]["tasks/hellaswag_local/acc"] == cli["hellaswag_local"]["acc,none"]
     assert scored[0]["tasks/text_local/word_perplexity"] == pytest.approx(cli["text_local"]["word_perplexity,none"], rel=1e-5)
     assert [r["step"] for r in log if r.get("event") == "resume"] == [2]
     assert losses(log) == pytest.approx(losses(ddp), rel=1e-5)
-    end, ddp_end = log[-1], ddp[-1]
+    end, ddp_end = log[-1], [r for r in ddp if r.get("event") == "end"][0]
     assert end["event"] == "end" and end["param_checksums"][0] == end["param_checksums"][1]
     assert end["param_checksums"][0] == pytest.approx(ddp_end["param_checksums"][0], rel=1e-6)
     ckpt = list_checkpoints(fsdp)[-1]

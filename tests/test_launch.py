@@ -13,7 +13,7 @@ import time
 import pytest
 
 from accel_pretrain.checkpoint import list_checkpoints
-from tests.helpers import ROOT, TINY
+from tests.helpers import ROOT, TINY, free_port
 from tests.test_faults import wait_for_step
 
 OUR_FRAME = re.compile(r'File ".*accel_pretrain/')
@@ -34,7 +34,7 @@ def documented_launch(config: str, *args, port: int | None = None) -> subprocess
 @pytest.mark.parametrize("config", ["cpu.yaml", "cpu_ddp.yaml"])
 def test_user_error_under_launch_is_our_one_line(tmp_path, config):
     proc = documented_launch(config, "--data", tmp_path / "data.txt", "--out", tmp_path / "run",
-                             port=29400 + os.getpid() % 300)
+                             port=free_port())
     (tmp_path / "data.txt").write_text("a corpus, not prepared")
     out, _ = proc.communicate(timeout=120)
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
@@ -52,7 +52,7 @@ def test_ctrl_c_under_launch_saves_and_resume_continues(tmp_path, data_dir, conf
     run = tmp_path / "run"
     args = ["--data", data_dir, "--out", run, *TINY, "--max_steps", 5000, "--eval_interval", 5000,
             "--save_interval", 5000]
-    proc = documented_launch(config, *args, port=29100 + os.getpid() % 300)
+    proc = documented_launch(config, *args, port=free_port())
     wait_for_step(run, 3, proc, timeout=180)
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
     out, _ = proc.communicate(timeout=120)
@@ -64,7 +64,7 @@ def test_ctrl_c_under_launch_saves_and_resume_continues(tmp_path, data_dir, conf
     saved = list_checkpoints(run)
     assert len(saved) == 1, out
     step = int(saved[0].name[5:])
-    resumed = documented_launch(config, "--out", run, "--resume", "--max_steps", step + 2, port=29700 + os.getpid() % 200)
+    resumed = documented_launch(config, "--out", run, "--resume", "--max_steps", step + 2, port=free_port())
     out, _ = resumed.communicate(timeout=180)
     assert resumed.returncode == 0, out
     assert f"resuming with max_steps 5000 -> {step + 2}" in out

@@ -160,14 +160,21 @@ def test_forward_loss_is_mean_cross_entropy():
     assert 5.0 < loss.item() < 5.7  # about ln(211) at initialisation: the init is not degenerate
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
+@pytest.mark.parametrize("checkpoint_blocks, backend", [(False, "aot_eager"), (True, "inductor")])
+def test_torch_compile_fullgraph_forward_and_backward(checkpoint_blocks, backend):
+    """The model is one graph for dynamo (fullgraph: no break), forward and backward equal to eager.
+    Plain: dynamo and AOTAutograd (aot_eager). With activation checkpointing: through inductor, at
+    the shapes of test_second_day's --compile run (tiny, vocabulary 512, 4 x 32), training and
+    evaluation, whose compilation then comes from inductor's cache (a CPU compile of one graph costs
+    30-40 s on 2 cores)."""
     torch.manual_seed(0)
-    cfg = dataclasses.replace(ModelConfig(), vocab_size=256, **PRESETS["tiny"])
+    cfg = dataclasses.replace(ModelConfig(), vocab_size=512, **PRESETS["tiny"])
     eager = Transformer(cfg)
     compiled_model = Transformer(cfg)
     compiled_model.load_state_dict(eager.state_dict())
-    compiled = torch.compile(compiled_model, fullgraph=True)
-    x = torch.randint(0, 256, (2, 32))
+    eager.checkpoint_blocks = compiled_model.checkpoint_blocks = checkpoint_blocks
+    compiled = torch.compile(compiled_model, fullgraph=True, backend=backend)
+    x = torch.randint(0, 512, (4, 33))
     _, loss_e = eager(x[:, :-1], x[:, 1:])
     _, loss_c = compiled(x[:, :-1], x[:, 1:])
     loss_e.backward()
@@ -175,6 +182,10 @@ def test_torch_compile_fullgraph_forward_and_backward():
     assert torch.allclose(loss_e, loss_c, atol=1e-5)
     for (name, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+    eager.eval(), compiled.eval()
+    with torch.no_grad():  # as evaluate.score calls it: the inference graph, no loss
+        torch.testing.assert_close(compiled(x[:, :-1], None, None)[0], eager(x[:, :-1], None, None)[0],
+                                   rtol=1e-5, atol=1e-5)
 
 
 def test_document_mask_makes_each_document_see_only_itself():

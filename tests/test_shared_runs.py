@@ -17,7 +17,7 @@ import torch
 from accel_pretrain.checkpoint import list_checkpoints
 from accel_pretrain.stopping import parse_duration
 from accel_pretrain.tracking import read_log
-from tests.helpers import ROOT, TINY, free_port, launch, train, weights
+from tests.helpers import ROOT, TINY, free_port, train, weights
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -58,22 +58,25 @@ def test_a_refused_start_leaves_no_lock_behind(tmp_path, data_dir):
     assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
 
 
-def test_rank_0_decides_where_the_run_starts(tmp_path, data_dir):
-    """Rank 1 sees no checkpoint (a filesystem that lags); rank 0 sees step 4. Both resume from 4."""
+def test_rank_0_decides_where_the_run_starts(tmp_path, ddp_run):
+    """Rank 1 sees no checkpoint (a filesystem that lags); rank 0 sees step 3 (a copy of conftest's
+    ddp_run without its step 6). Both resume from 3, and step 6 is ddp_run's to the bit."""
+    import shutil
+
     run = tmp_path / "run"
-    args = ["--data", data_dir, "--out", run, *TINY, "--eval_interval", 100, "--save_interval", 4]
-    proc = launch("cpu_ddp.yaml", *args, "--max_steps", 4, extra=["--main_process_port", str(free_port())])
-    out, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, out
+    shutil.copytree(ddp_run, run)
+    shutil.rmtree(run / "checkpoints/step_0000006")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"), "--main_process_port", str(free_port()),
-           "-m", "tests.lagging_fs", *map(str, args), "--max_steps", "6", "--resume", "auto"]
+           "-m", "tests.lagging_fs", "--out", str(run), "--resume", "auto", "--eval_tasks", "none"]
     lagging = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert lagging.returncode == 0, lagging.stdout + lagging.stderr
     log = read_log(run / "train_log.jsonl")
-    assert [r["step"] for r in log if r.get("event") == "resume"] == [4]
+    assert [r["step"] for r in log if r.get("event") == "resume"] == [3]
     end = [r for r in log if r.get("event") == "end"][-1]
     assert end["step"] == 6 and end["param_checksums"][0] == end["param_checksums"][1]
+    ours, plain = weights(run / "checkpoints/step_0000006"), weights(ddp_run / "checkpoints/step_0000006")
+    assert all(torch.equal(ours[k], plain[k]) for k in plain)
 
 
 @pytest.mark.parametrize("text, seconds", [("3600", 3600), ("90m", 5400), ("1.5h", 5400), ("23:55:00", 86100),
@@ -153,19 +156,25 @@ def test_a_slow_step_or_a_slow_save_moves_the_stop_earlier(monkeypatch):
     assert not deadline.due()  # 25 + 2 x 20 + 30 < 100
     clock.now = 31.0
     assert deadline.due()  # 31 + 70 >= 100, where 1 s steps alone would leave 37 s to go
+    deadline.saved(0.01)  # the stop's save was quick, and the slow step is long gone from the last 8:
+    deadline.steps = [1.0]
+    assert deadline.due()  # the decision stands (the stop message names it: the time limit)
 
 
 def test_a_time_limited_job_saves_and_stops_before_its_end(tmp_path, data_dir, monkeypatch, capsys):
-    """End to end, no signal: a job whose SLURM end is 45 s away (and a --time_limit of a day: the
+    """End to end, no signal: a job whose SLURM end is 36 s away (and a --time_limit of a day: the
     earlier end counts) stops by itself, saved, at least the 30 s margin before its end. Nothing here
     depends on how fast this machine is, as long as a step and a save take less than that margin."""
-    end = int(time.time()) + 45
+    end = int(time.time()) + 36
     monkeypatch.setenv("SLURM_JOB_END_TIME", str(end))
     run = tmp_path / "run"
     assert train("--data", data_dir, "--out", run, *TINY, "--max_steps", 10 ** 6, "--eval_interval", 10 ** 6,
                  "--save_interval", 10 ** 6, "--log_interval", 100, "--time_limit", "1d") == 0
     assert time.time() < end - 10
-    step = int(re.search(r"stopped before the time limit at step (\d+); checkpoint saved", capsys.readouterr().out)[1])
+    out = capsys.readouterr().out
+    stopped = re.search(r"stopped before the time limit at step (\d+); checkpoint saved", out)
+    assert stopped, out
+    step = int(stopped[1])
     assert list_checkpoints(run)[-1].name == f"step_{step:07d}" and step >= 1
     assert [r["step"] for r in read_log(run / "train_log.jsonl") if r.get("event") == "end"] == [step]
 

@@ -42,8 +42,9 @@ def _requests(task) -> list:
     return [(i.request_type, i.arguments, i.doc_id, i.idx) for i in task.instances]
 
 
-def mismatches(names: list[str] | None = None) -> dict[str, list[str]]:
-    """{registered name: [what differs]} for every local task; empty lists when identical."""
+def mismatches(names: list[str] | None = None, tm=None) -> dict[str, list[str]]:  # noqa: ANN001
+    """{registered name: [what differs]} for every local task; empty lists when identical. `tm`: a
+    TaskManager that indexes this folder, when the caller has one already (its index takes seconds)."""
     from lm_eval.tasks import TaskManager
 
     names = names or list(REGISTERED)
@@ -53,7 +54,7 @@ def mismatches(names: list[str] | None = None) -> dict[str, list[str]]:
         split = datasets.load_from_disk(str(HERE / "data" / by_source[(path, name)] / "validation"), keep_in_memory=True)
         return datasets.DatasetDict({"train": split, "validation": split, "test": split})
 
-    tm = TaskManager(include_path=str(HERE))
+    tm = tm or TaskManager(include_path=str(HERE))
     local = tm.load([n + "_local" for n in names])["tasks"]
     real = datasets.load_dataset
     datasets.load_dataset = fake_load_dataset
