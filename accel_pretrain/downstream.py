@@ -31,7 +31,9 @@ def load_tasks(names: list[str], tasks_dir: str | None) -> tuple[Any, dict[str, 
     require_lm_eval()
     if tasks_dir and not Path(tasks_dir).is_dir():
         raise UserError(f"--tasks_dir {tasks_dir} is not a directory")
-    manager = task_manager(tasks_dir)
+    manager = task_manager(tasks_dir, defaults=False) if tasks_dir else None
+    if manager is None or not set(names) <= set(manager.all_tasks):  # lm-eval's own tasks, or a mistake
+        manager = task_manager(tasks_dir)
     known = set(manager.all_tasks)
     for name in names:
         if name not in known:
@@ -48,11 +50,12 @@ def load_tasks(names: list[str], tasks_dir: str | None) -> tuple[Any, dict[str, 
 
 
 @functools.cache
-def task_manager(tasks_dir: str | None):  # noqa: ANN201
-    """lm-eval's index of its 14,000-odd tasks (and tasks_dir's), built once per process: about 10 s."""
+def task_manager(tasks_dir: str | None, defaults: bool = True):  # noqa: ANN201
+    """lm-eval's index of its 14,000-odd tasks (and tasks_dir's), built once per process: about 10 s.
+    With defaults=False tasks_dir's alone: a fraction of a second, enough when every task named is there."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=tasks_dir) if tasks_dir else TaskManager()
+    return TaskManager(include_path=tasks_dir, include_defaults=defaults) if tasks_dir else TaskManager()
 
 
 def chance(task: Any, limit: int | None) -> float | None:

@@ -120,3 +120,18 @@ def ddp_run(tmp_path_factory, data_dir) -> Path:
         assert proc.returncode == 0, out
 
     return built_once(tmp_path_factory, "ddp", build) / "run"
+
+
+@pytest.fixture(scope="session")
+def ddp_muon_run(tmp_path_factory, data_dir) -> Path:
+    """Muon in bf16 on two gloo ranks (tests.helpers.DDP_MUON_RUN): its ranks must agree (test_train),
+    and FSDP2 must follow it (test_fsdp2)."""
+    from tests.helpers import DDP_MUON_RUN, free_port, launch
+
+    def build(root: Path) -> None:
+        proc = launch("cpu_ddp.yaml", "--data", data_dir, "--out", root / "run", *DDP_MUON_RUN,
+                      extra=["--main_process_port", str(free_port())])
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+
+    return built_once(tmp_path_factory, "ddp_muon", build) / "run"

@@ -17,6 +17,8 @@ DDP_TASKS = ["hellaswag_local", "winogrande_local", "text_local", "continue_loca
 # conftest's ddp_run: a run of these flags under cpu_ddp.yaml, which other multi-process runs must equal
 DDP_RUN = [*TINY, "--max_steps", "6", "--eval_interval", "6", "--save_interval", "3", "--eval_tasks", ",".join(DDP_TASKS),
            "--eval_tasks_interval", "6", "--eval_tasks_limit", "6", "--eval_tasks_dir", str(TASKS_DIR)]
+DDP_MUON_RUN = [*TINY, "--eval_interval", "100", "--save_interval", "100", "--max_steps", "4", "--optimizer", "muon",
+                "--mixed_precision", "bf16"]  # conftest's ddp_muon_run
 
 
 def train(*args) -> int:

@@ -36,20 +36,21 @@ def _slurm_nodes(args: list, port: int) -> list[subprocess.Popen]:
 
 def test_slurm_script_on_two_local_nodes_trains_then_a_requeue_resumes(tmp_path, data_dir, ddp_run):
     """slurm/launch_node.sh on two "machines" (one process each: accelerate's --num_machines 2
-    --machine_rank 0|1 --main_process_ip), with --activation_checkpointing; preempted after step 3 and
-    requeued, it ends bit-identical to the plain one-launch DDP run of the same flags (conftest's
-    ddp_run): neither two machines, nor the requeue, nor recomputing the blocks changes a bit."""
+    --machine_rank 0|1 --main_process_ip) as a requeued job: the run (a copy of conftest's ddp_run,
+    preempted after its step-3 save) resumes under `--resume auto`, with --activation_checkpointing,
+    and ends bit-identical to ddp_run, the plain one-launch DDP run of the same flags: neither two
+    machines, nor the requeue, nor recomputing the blocks changes a bit."""
     run = tmp_path / "run"
+    shutil.copytree(ddp_run, run)
+    shutil.rmtree(run / "checkpoints/step_0000006")
     args = ["--data", data_dir, "--out", run, *TINY, "--max_steps", 6, "--save_interval", 3, "--eval_interval", 6,
-            "--activation_checkpointing"]
-    for attempt in range(2):
-        procs = _slurm_nodes(args, free_port())
-        outs = [p.communicate(timeout=240)[0] for p in procs]
-        assert [p.returncode for p in procs] == [0, 0], outs
-        if attempt == 0:  # as if the job had been preempted after step 3 and requeued
-            shutil.rmtree(run / "checkpoints/step_0000006")
+            "--activation_checkpointing", "--eval_tasks", "none"]
+    procs = _slurm_nodes(args, free_port())
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
     log = read_log(run / "train_log.jsonl")
     assert [r["event"] for r in log if "event" in r] == ["run", "resume", "end"]
+    assert [r["step"] for r in log if r.get("event") == "resume"] == [3]
     assert log[0]["world_size"] == 2
     sums = log[-1]["param_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]

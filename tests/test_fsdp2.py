@@ -14,7 +14,7 @@ import torch
 
 from accel_pretrain.checkpoint import list_checkpoints, model_from_checkpoint
 from accel_pretrain.tracking import read_log
-from tests.helpers import ROOT, TINY, free_port
+from tests.helpers import DDP_MUON_RUN, ROOT, TINY, free_port
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -81,14 +81,13 @@ def test_fsdp2_adamw_trains_resumes_and_exports_as_the_unsharded_run(tmp_path, d
         torch.testing.assert_close(hf(x).logits, ours(x)[0], rtol=1e-4, atol=1e-4)
 
 
-def test_fsdp2_muon_in_bf16_with_activation_checkpointing_follows_the_unsharded_run(tmp_path, data_dir):
+def test_fsdp2_muon_in_bf16_with_activation_checkpointing_follows_the_unsharded_run(tmp_path, data_dir,
+                                                                                    ddp_muon_run):
     """Muon steps the sharded matrices with the update of the whole matrix (gathered in bf16); bf16
-    here is FSDP2's bf16 weights with fp32 reduction against DDP's bf16 autocast, so the two agree to
-    bf16's precision, not bit for bit."""
-    args = ["--data", data_dir, *TINY, "--eval_interval", 100, "--save_interval", 100, "--max_steps", 4,
-            "--optimizer", "muon", "--mixed_precision", "bf16"]
-    ddp = run(str(ROOT / "accelerate_configs" / "cpu_ddp.yaml"), "accel_pretrain.train", *args, "--out", tmp_path / "ddp")
-    fsdp = run(cpu_fsdp_config(tmp_path), "tests.fsdp_on_cpu", *args, "--activation_checkpointing",
+    here is FSDP2's bf16 weights with fp32 reduction against DDP's bf16 autocast (conftest's
+    ddp_muon_run, the same flags), so the two agree to bf16's precision, not bit for bit."""
+    ddp = read_log(ddp_muon_run / "train_log.jsonl")
+    fsdp = run(cpu_fsdp_config(tmp_path), "tests.fsdp_on_cpu", "--data", data_dir, *DDP_MUON_RUN, "--activation_checkpointing",
                "--out", tmp_path / "fsdp")
     assert fsdp[0]["mixed_precision"] == "bf16" and fsdp[0]["world_size"] == 2
     assert losses(fsdp) == pytest.approx(losses(ddp), rel=2e-2)
