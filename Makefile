@@ -40,8 +40,11 @@ demo: $(VENV)/.installed
 	@echo "outputs: data $(DEMO)/data | run $(DEMO)/run (train_log.jsonl, checkpoints/) | \
 	Hugging Face model $(DEMO)/hf | plot $(DEMO)/loss.png"
 
+# Two workers, one test file each at a time (a file's tests share what they build: inductor's and
+# lm-eval's caches, compiled block masks); each worker runs torch on one thread (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf demo .pytest_cache

@@ -14,6 +14,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # tests read local task data only; online mode costs seconds of retries
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: OpenMP threads of two workers on two cores
+    os.environ["OMP_NUM_THREADS"] = "1"  # would spin against each other (and the launches' processes)
+    import torch
+
+    torch.set_num_threads(1)
 
 WORDS = ("the cat sat on a mat while rain fell over old stone houses near river bank and birds "
          "sang songs about summer light winter night quick brown fox jumps lazy dog émigré café").split()

@@ -15,6 +15,8 @@ import json
 import os
 import sys
 from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,40 +24,57 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from accel_pretrain import launch, train
 
-counts: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
-current = [-1]  # the step being run; -1 before the first: setup
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier", "reduce", "gather")
 
 
 class ValueReads(TorchDispatchMode):
+    def __init__(self, counts: dict[int, list[int]], current: list[int]) -> None:
+        super().__init__()
+        self.counts, self.current = counts, current
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
         if func is torch.ops.aten._local_scalar_dense.default:
-            counts[current[0]][0] += 1
+            self.counts[self.current[0]][0] += 1
         return func(*args, **(kwargs or {}))
 
 
-def counted(name: str):  # noqa: ANN201
-    original = getattr(dist, name)
+@contextmanager
+def counting() -> Iterator[dict[int, list[int]]]:
+    """{step: [value reads, collectives on the default group, others]} of the train.main calls made
+    inside the block (in this process, or as this rank); step -1 is the setup before the first step."""
+    counts: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
+    current = [-1]
 
-    def collective(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        group = kwargs.get("group")
-        counts[current[0]][1 if group is None or group is dist.group.WORLD else 2] += 1
-        return original(*args, **kwargs)
-    return collective
+    def counted(original):  # noqa: ANN001, ANN202
+        def collective(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            group = kwargs.get("group")
+            counts[current[0]][1 if group is None or group is dist.group.WORLD else 2] += 1
+            return original(*args, **kwargs)
+        return collective
 
-
-def main() -> None:
-    out, argv = sys.argv[1], sys.argv[2:]
-    for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier", "reduce", "gather"):
-        setattr(dist, name, counted(name))
-    build_optimizer = train.build_optimizer
-    train.build_optimizer = lambda model, cfg, fused: build_optimizer(model, cfg, fused=True)
-    get_batch = train.get_batch
+    saved = {name: getattr(dist, name) for name in COLLECTIVES}
+    build_optimizer, get_batch = train.build_optimizer, train.get_batch
 
     def marked_get_batch(run, step):  # noqa: ANN001, ANN202
         current[0] = step + 1
         return get_batch(run, step)
+
+    for name, original in saved.items():
+        setattr(dist, name, counted(original))
+    train.build_optimizer = lambda model, cfg, fused: build_optimizer(model, cfg, fused=True)
     train.get_batch = marked_get_batch
-    with ValueReads():
+    try:
+        with ValueReads(counts, current):
+            yield counts
+    finally:
+        for name, original in saved.items():
+            setattr(dist, name, original)
+        train.build_optimizer, train.get_batch = build_optimizer, get_batch
+
+
+def main() -> None:
+    out, argv = sys.argv[1], sys.argv[2:]
+    with counting() as counts:
         code = train.main(argv)
     rank = os.environ.get("RANK", "0")
     with open(f"{out}.rank{rank}", "w") as f:

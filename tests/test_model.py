@@ -160,13 +160,16 @@ def test_forward_loss_is_mean_cross_entropy():
     assert 5.0 < loss.item() < 5.7  # about ln(211) at initialisation: the init is not degenerate
 
 
-@pytest.mark.parametrize("checkpoint_blocks, backend", [(False, "aot_eager"), (True, "inductor")])
-def test_torch_compile_fullgraph_forward_and_backward(checkpoint_blocks, backend):
-    """The model is one graph for dynamo (fullgraph: no break), forward and backward equal to eager.
-    Plain: dynamo and AOTAutograd (aot_eager). With activation checkpointing: through inductor, at
-    the shapes of test_second_day's --compile run (tiny, vocabulary 512, 4 x 32), training and
-    evaluation, whose compilation then comes from inductor's cache (a CPU compile of one graph costs
-    30-40 s on 2 cores)."""
+def test_torch_compile_fullgraph_forward_and_backward():
+    """The model is one graph for dynamo (fullgraph: no break), forward and backward equal to eager,
+    through dynamo and AOTAutograd (aot_eager); through inductor, with activation checkpointing, next to
+    --compile's run in test_second_day (one CPU compilation costs 30-40 s on 2 cores)."""
+    assert_compiles_like_eager(checkpoint_blocks=False, backend="aot_eager")
+
+
+def assert_compiles_like_eager(checkpoint_blocks: bool, backend: str) -> None:
+    """fullgraph=True compilation of the `tiny` model (vocabulary 512, 4 x 32): the loss and every
+    gradient, then the inference graph evaluate.score runs (no loss), equal to eager."""
     torch.manual_seed(0)
     cfg = dataclasses.replace(ModelConfig(), vocab_size=512, **PRESETS["tiny"])
     eager = Transformer(cfg)
@@ -183,7 +186,7 @@ def test_torch_compile_fullgraph_forward_and_backward(checkpoint_blocks, backend
     for (name, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
     eager.eval(), compiled.eval()
-    with torch.no_grad():  # as evaluate.score calls it: the inference graph, no loss
+    with torch.no_grad():
         torch.testing.assert_close(compiled(x[:, :-1], None, None)[0], eager(x[:, :-1], None, None)[0],
                                    rtol=1e-5, atol=1e-5)
 

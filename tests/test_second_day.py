@@ -289,12 +289,16 @@ def test_activation_checkpointing_gives_the_plain_gradients_and_run(tmp_path, da
 
 
 def test_activation_checkpointing_under_compile(tmp_path, data_dir, trained_run):
-    """--activation_checkpointing with --compile (Accelerate's inductor backend: the recomputed blocks
-    are compiled too; --eval_tasks scores the plain module meanwhile) ends within float tolerance of the
-    plain eager run of the same flags (conftest's trained_run). Under DDP checkpointing is bit-identical
-    to the plain run: test_cluster's SLURM test."""
+    """The checkpointed model compiles through inductor as one graph (fullgraph), equal to eager; then
+    --activation_checkpointing with --compile (Accelerate's inductor backend: the recomputed blocks are
+    compiled too, here from inductor's cache of that graph; --eval_tasks scores the plain module
+    meanwhile) ends within float tolerance of the plain eager run of the same flags (conftest's
+    trained_run). Under DDP checkpointing is bit-identical to the plain run: test_cluster's SLURM test."""
     from accel_pretrain.tracking import read_log
     from tests.helpers import weights
+    from tests.test_model import assert_compiles_like_eager
+
+    assert_compiles_like_eager(checkpoint_blocks=True, backend="inductor")
 
     compiled = tmp_path / "compiled"
     tasks = ["--eval_tasks", "hellaswag_local", "--eval_tasks_dir", ROOT / "tests" / "tasks", "--eval_tasks_limit", 4]
