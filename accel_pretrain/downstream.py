@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-
 from .errors import UserError
 
 PIP_LINE = "pip install 'accel-pretrain[eval]' (or pip install lm-eval)"
