@@ -89,7 +89,7 @@ def step_memory(train: TrainConfig, precision: str, shards: int = 1, bucket_copy
     v, output and log-sum-exp) and keeps no mask per layer, so it is counted as causal attention."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .model import Transformer, document_mask
+    from .model import document_mask
     from .optim import build_optimizer
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

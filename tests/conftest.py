@@ -111,32 +111,34 @@ def trained_run(tmp_path_factory, data_dir) -> Path:
     return built_once(tmp_path_factory, "trained", build) / "run"
 
 
+def launched_once(tmp_path_factory, name: str, data_dir: Path, args: list[str]) -> Path:
+    """RUN of `accelerate launch --config_file accelerate_configs/cpu_ddp.yaml -m accel_pretrain.train
+    --data DATA --out RUN ARGS`, built once per session (built_once)."""
+    from tests.helpers import free_port, launch
+
+    def build(root: Path) -> None:
+        proc = launch("cpu_ddp.yaml", "--data", data_dir, "--out", root / "run", *args,
+                      extra=["--main_process_port", str(free_port())])
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out
+
+    return built_once(tmp_path_factory, name, build) / "run"
+
+
 @pytest.fixture(scope="session")
 def ddp_run(tmp_path_factory, data_dir) -> Path:
     """The plain two-rank DDP run (cpu_ddp.yaml, gloo) that the multi-process tests compare with:
     tests.helpers.DDP_RUN's 6 steps, checkpoints at 3 and 6, downstream tasks scored after the step-6
     save. Read by the DDP, task-scoring, FSDP2, SLURM and lagging-filesystem tests."""
-    from tests.helpers import DDP_RUN, free_port, launch
+    from tests.helpers import DDP_RUN
 
-    def build(root: Path) -> None:
-        proc = launch("cpu_ddp.yaml", "--data", data_dir, "--out", root / "run", *DDP_RUN,
-                      extra=["--main_process_port", str(free_port())], env={"HF_DATASETS_OFFLINE": "1"})
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out
-
-    return built_once(tmp_path_factory, "ddp", build) / "run"
+    return launched_once(tmp_path_factory, "ddp", data_dir, DDP_RUN)
 
 
 @pytest.fixture(scope="session")
 def ddp_muon_run(tmp_path_factory, data_dir) -> Path:
     """Muon in bf16 on two gloo ranks (tests.helpers.DDP_MUON_RUN): its ranks must agree (test_train),
     and FSDP2 must follow it (test_fsdp2)."""
-    from tests.helpers import DDP_MUON_RUN, free_port, launch
+    from tests.helpers import DDP_MUON_RUN
 
-    def build(root: Path) -> None:
-        proc = launch("cpu_ddp.yaml", "--data", data_dir, "--out", root / "run", *DDP_MUON_RUN,
-                      extra=["--main_process_port", str(free_port())])
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, out
-
-    return built_once(tmp_path_factory, "ddp_muon", build) / "run"
+    return launched_once(tmp_path_factory, "ddp_muon", data_dir, DDP_MUON_RUN)
