@@ -96,6 +96,7 @@ def prepare(args: argparse.Namespace) -> Path:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     with staging(out) as tmp:
         tok, tokenizer_name = tokenizer_for(args, sources, opts, tmp / "tokenizer")
+        fingerprint = tokenizer_fingerprint(tok)  # before the clock starts, as meta.json's seconds always had it
         t0 = time.perf_counter()
         eos, dtype, picker = separator_id(tok), id_dtype(len(tok)), ValidPicker(args.val_fraction, args.seed)
         stats, fit, cutter = encode_corpus(tok, tmp, sources, opts, doc_shard, args.num_proc, eos, dtype, picker)
@@ -105,7 +106,7 @@ def prepare(args: argparse.Namespace) -> Path:
         text_tokens = check_keeps_text(stats["tokens"] - stats["documents"], stats["bytes"])
         fit_stats = tokenizer_fit(fit.totals(), text_tokens, stats["bytes"])
         split = split_ids(tok, tmp, dtype, stats, picker, args.val_fraction)
-        meta = describe(args, tok, tmp / "tokenizer", tokenizer_name, eos, dtype, stats, split, fit_stats)
+        meta = describe(args, tok, tmp / "tokenizer", tokenizer_name, fingerprint, eos, dtype, stats, split, fit_stats)
         meta["document_cuts"] = {"forced": cutter.forced, "space_dropped": cutter.drop_space,
                                  "newline": cutter.newline}
         meta["sources"] = [s.info() for s in sources]
@@ -154,15 +155,15 @@ def encode_corpus(tok: Any, tmp: Path, sources: list[Source], opts: ReadOptions,
     return stats, fit, cutter
 
 
-def describe(args: argparse.Namespace, tok: Any, tok_dir: Path, tokenizer_name: str, eos: int, dtype: np.dtype,
-             stats: dict, split: dict, fit_stats: dict) -> dict:
+def describe(args: argparse.Namespace, tok: Any, tok_dir: Path, tokenizer_name: str, fingerprint: str, eos: int,
+             dtype: np.dtype, stats: dict, split: dict, fit_stats: dict) -> dict:
     """meta.json: the contract between this preparation and training (see DESIGN.md)."""
     return {
         "version": 1,
         "package_version": __version__,
         "tokenizer": tokenizer_name,
         "tokenizer_sha256": tokenizer_sha256(tok, tok_dir),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "tokenizer_fingerprint": fingerprint,
         "vocab_size": len(tok),
         "eos_token_id": eos,
         "dtype": dtype.name,
