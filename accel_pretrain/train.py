@@ -158,7 +158,7 @@ class Run:
         self.log = RunLog(Path(cfg.out) / "train_log.jsonl", accelerator.is_main_process)
         self.tokens_per_step = (cfg.micro_batch_size * cfg.block_size * cfg.gradient_accumulation_steps
                                 * accelerator.num_processes)
-        self.flops_per_token = accelerator.unwrap_model(self.model).flops_per_token(cfg.block_size)
+        self.flops_per_token = self.bare_model.flops_per_token(cfg.block_size)
         self.peak_flops = peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_flops)  # None: unknown
         self.eos = self.data.meta.get("eos_token_id") if cfg.document_masking else None  # documents end at EOS
         self.vote = StopVote(accelerator.num_processes)
@@ -169,6 +169,14 @@ class Run:
         zero = lambda dtype: torch.zeros((), dtype=dtype, device=accelerator.device)  # noqa: E731
         self.bad_step, self.bad_norm = zero(torch.long), zero(torch.float32)
         self.skipped, self.skip_streak = zero(torch.bool), zero(torch.long)  # fp16: the last step's, in a row
+
+    @property
+    def bare_model(self) -> torch.nn.Module:
+        """The model without DDP or torch.compile around it (under FSDP2, the sharded module). Accelerate's
+        default (keep_torch_compile=True) would point the compiled wrapper at the bare model, leaving DDP
+        out of the training forward's path: accumulate()'s no_sync would then find no DDP, and every
+        micro-batch would all-reduce."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     @property
     def dir(self) -> Path:
@@ -254,7 +262,7 @@ def open_log(run: Run, ckpt: Path | None, precision_why: str) -> None:
     cfg, accelerator, data = run.cfg, run.accelerator, run.data
     world, mixed = accelerator.num_processes, accelerator.mixed_precision
     mb, ga, T = cfg.micro_batch_size, cfg.gradient_accumulation_steps, cfg.block_size
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(run.model).parameters())
+    n_params = sum(p.numel() for p in run.bare_model.parameters())
     if ckpt:
         run.log.truncate_after(run.start_step)
         if accelerator.is_main_process:  # a resume keeps the run's recent losses for the spike watch
@@ -370,7 +378,7 @@ def score_tasks(run: Run, done: int) -> None:
     from .task_lm import TaskLM
 
     cfg, accelerator = run.cfg, run.accelerator
-    model = accelerator.unwrap_model(run.model)
+    model = run.bare_model
     lm = TaskLM(model, run.tokenizer, cfg.micro_batch_size, accelerator.device, accelerator.process_index,
                 accelerator.num_processes, autocast=accelerator.autocast)
     model.eval()

@@ -1,13 +1,19 @@
 """Counts, step by step, what makes a training process wait: reads of a tensor's value on the host
 (aten._local_scalar_dense, behind .item(), float(), int() and bool() of a tensor: on a GPU each one
 waits for every kernel queued so far) and collectives started from Python, on the training's process
-group or on another (StopVote's gloo group, which holds host memory only).
+group or on another (StopVote's gloo group, which holds host memory only), and the backward passes whose
+gradients DDP's reducer all-reduced (in C++, seen through a comm hook: one per optimizer step when
+accumulate() reaches DDP's no_sync).
 
     python -m tests.count_syncs OUT.json TRAIN-ARGS...      (alone or under accelerate launch)
 
 The optimizer is built as on a GPU (fused AdamW, whose step counts stay tensors), since on a CPU
 torch's AdamW reads its step count with .item() (a host tensor there, and on a GPU unfused too).
-Each rank writes OUT.json.rankN: {"step": [value reads, collectives on the default group, others]};
+Under --compile the backend is aot_eager: dynamo's DDP graph splitting and AOT autograd as under
+inductor, without inductor's C++ build (which module the compiled forward goes through does not
+depend on the backend).
+Each rank writes OUT.json.rankN: {"step": [value reads, collectives on the default group, others,
+all-reduced backward passes]};
 a step counts from its get_batch to the next one, its periodic actions included."""
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from accel_pretrain import launch, train
@@ -40,20 +48,36 @@ class ValueReads(TorchDispatchMode):
 
 @contextmanager
 def counting() -> Iterator[dict[int, list[int]]]:
-    """{step: [value reads, collectives on the default group, others]} of the train.main calls made
-    inside the block (in this process, or as this rank); step -1 is the setup before the first step."""
-    counts: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0])
-    current = [-1]
+    """{step: [value reads, collectives on the default group, others, all-reduced backward passes]} of
+    the train.main calls made inside the block (in this process, or as this rank); step -1 is the setup
+    before the first step."""
+    counts: dict[int, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    current, in_hook = [-1], [False]
 
     def counted(original):  # noqa: ANN001, ANN202
         def collective(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             group = kwargs.get("group")
-            counts[current[0]][1 if group is None or group is dist.group.WORLD else 2] += 1
+            if not in_hook[0]:
+                counts[current[0]][1 if group is None or group is dist.group.WORLD else 2] += 1
             return original(*args, **kwargs)
         return collective
 
+    def reduced(process_group, bucket):  # noqa: ANN001, ANN202
+        counts[current[0]][3] += bucket.is_last()  # the last bucket of a backward pass
+        in_hook[0] = True  # the reducer's own all-reduce, made from Python here, is counted as such
+        try:
+            return allreduce_hook(process_group, bucket)
+        finally:
+            in_hook[0] = False
+
+    def ddp_init(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        ddp_init_original(self, *args, **kwargs)
+        self.register_comm_hook(None, reduced)
+
     saved = {name: getattr(dist, name) for name in COLLECTIVES}
     build_optimizer, get_batch = train.build_optimizer, train.get_batch
+    ddp_init_original = DistributedDataParallel.__init__
+    DistributedDataParallel.__init__ = ddp_init
 
     def marked_get_batch(run, step):  # noqa: ANN001, ANN202
         current[0] = step + 1
@@ -70,10 +94,14 @@ def counting() -> Iterator[dict[int, list[int]]]:
         for name, original in saved.items():
             setattr(dist, name, original)
         train.build_optimizer, train.get_batch = build_optimizer, get_batch
+        DistributedDataParallel.__init__ = ddp_init_original
 
 
 def main() -> None:
     out, argv = sys.argv[1], sys.argv[2:]
+    if "--compile" in argv:
+        compile_ = torch.compile
+        torch.compile = lambda model, **kwargs: compile_(model, **{**kwargs, "backend": "aot_eager"})
     with counting() as counts:
         code = train.main(argv)
     rank = os.environ.get("RANK", "0")
