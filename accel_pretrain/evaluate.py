@@ -5,8 +5,9 @@ scores on downstream tasks through lm-evaluation-harness.
     python -m accel_pretrain.evaluate MODEL --tasks hellaswag,arc_easy,piqa,winogrande [--limit N]
         [--num_fewshot K] [--batch_size B] [--tasks_dir DIR] [--output FILE.json]
 
-MODEL is a run directory, a checkpoint, or a Hugging Face Llama folder or name. Training's eval
-calls `score` on the same windows, so both report the same numbers; with --tasks, lm-eval's own
+MODEL is a run directory, a checkpoint, or a Hugging Face folder or name (Llama, Mistral, Qwen2,
+Qwen3). Training's eval calls `score` on the same windows in the run's precision, which is also
+evaluate's default, so both report the same numbers; with --tasks, lm-eval's own
 task definitions, prompts and metrics score the model (accel_pretrain.downstream), as
 `lm_eval --model hf` scores its export."""
 from __future__ import annotations
@@ -15,7 +16,10 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,18 +69,43 @@ def metrics(loss_sum: float, count: float, bytes_per_token: float | None) -> dic
     return out
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+RUN_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # a run's mixed_precision -> --precision
+
+
+def autocast_for(choice: str, state: dict[str, Any], device: torch.device) -> tuple[Callable[[], Any], str]:
+    """The context the forwards run in and its name, printed with why: by default the run's own
+    precision (its eval ran under the same autocast, so the numbers reproduce its log), fp32 for a
+    model that is not a run of ours."""
+    if choice == "run":
+        trained = state.get("config", {}).get("mixed_precision")
+        choice, why = (RUN_PRECISION.get(trained, "fp32"), "the run's") if trained else ("fp32", "not a run of ours")
+    else:
+        why = "--precision"
+    if choice == "fp16" and device.type == "cpu":
+        raise UserError("--precision fp16 needs a GPU (on a CPU, use bf16 or fp32)")
+    dtype = PRECISIONS[choice]
+    name = f"{choice} autocast" if dtype else "fp32"
+    print(f"precision: {name} ({why})", file=sys.stderr)
+    if dtype is None:
+        return nullcontext, name
+    return lambda: torch.autocast(device.type, dtype=dtype), name
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import load_any
 
     p = argparse.ArgumentParser(prog="python -m accel_pretrain.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="run directory, checkpoint, or Hugging Face Llama folder/name")
+    p.add_argument("model", help="run directory, checkpoint, or Hugging Face folder/name (Llama, Mistral, Qwen2, "
+                                  "Qwen3)")
     p.add_argument("--data",
                    help="prepared data directory (reads valid_ids.npy), or a mixture DIR:WEIGHT,DIR:WEIGHT as "
                         "training takes it: with --max_windows K each source gives its first windows in proportion "
                         "to its weight (training's eval: K = eval_iters x micro_batch_size, so --max_windows K "
                         "reproduces train_log.jsonl's val_loss), without it every window of every source counts")
     p.add_argument("--block_size", type=int, default=None, help="window length (default: the run's block_size, else 256)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="windows or requests per forward (default: the run's micro_batch_size, else 8)")
     p.add_argument("--max_windows", type=int, default=None,
                    help="score only the first K windows (shared out by weight in a mixture)")
     p.add_argument("--document_masking", action="store_true",
@@ -87,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_fewshot", type=int, default=None, help="--tasks: examples in each prompt (task default)")
     p.add_argument("--tasks_dir", default=None, help="--tasks: a folder of task YAMLs of your own (e.g. on local data)")
     p.add_argument("--output", default="downstream.json", help="--tasks: where the JSON of the scores goes")
+    p.add_argument("--precision", choices=["run", *PRECISIONS], default="run",
+                   help="the forwards' precision: the run's own (default; fp32 for a model that is not a run of "
+                        "ours), or fp32, bf16 or fp16 autocast")
     args = p.parse_args(argv)
+    if args.tasks and args.data:
+        raise UserError("--tasks scores downstream tasks and --data the validation loss: run them as two commands")
     if args.tasks:
         return evaluate_tasks(args)
     if not args.data:
@@ -96,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer, state = load_any(args.model)
     check_same_tokenizer(data, tokenizer, "the model")
     block = args.block_size or state.get("config", {}).get("block_size", 256)
+    args.batch_size = args.batch_size or state.get("config", {}).get("micro_batch_size", 8)
     if block < 1 or args.batch_size < 1 or (args.max_windows is not None and args.max_windows < 1):
         raise UserError("--block_size, --batch_size and --max_windows must be at least 1")
     if data.valid.shortest() < block + 1:
@@ -106,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                         f"{model.config.max_position_embeddings}")
     data.check_ids_below(model.config.vocab_size)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast, precision = autocast_for(args.precision, state, device)
     eos = data.meta.get("eos_token_id") if args.document_masking else None
-    loss_sum, count = score(model.to(device), data.valid, block, args.batch_size, args.max_windows, device,
-                            eos_token_id=eos)
-    result = metrics(loss_sum.item(), count.item(), data.bytes_per_token)
+    with autocast():
+        loss_sum, count = score(model.to(device), data.valid, block, args.batch_size, args.max_windows, device,
+                                eos_token_id=eos)
+    result = metrics(loss_sum.item(), count.item(), data.bytes_per_token) | {"precision": precision}
     targets = data.valid.windows(data.valid.eval_starts(block, args.max_windows), block)[:, 1:].numpy()
     result["unigram_loss"] = unigram_loss(data.train, targets, model.config.vocab_size)
     print(json.dumps(result))
@@ -124,18 +161,22 @@ def evaluate_tasks(args: argparse.Namespace) -> int:
     from .downstream import load_tasks, run_tasks, table
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1) or (args.num_fewshot or 0) < 0:
+    if (args.batch_size or 1) < 1 or (args.limit is not None and args.limit < 1) or (args.num_fewshot or 0) < 0:
         raise UserError("--batch_size and --limit must be at least 1, --num_fewshot at least 0")
     load_tasks(names, args.tasks_dir)  # unknown names and offline data are refused before the model loads
-    model, tokenizer, _ = load_any(args.model)
+    model, tokenizer, state = load_any(args.model)
+    args.batch_size = args.batch_size or state.get("config", {}).get("micro_batch_size", 8)
     if tokenizer is None:
         raise UserError(f"no tokenizer found next to {args.model}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast, precision = autocast_for(args.precision, state, device)
     from .task_lm import TaskLM  # lm-eval is there: load_tasks checked
 
-    lm = TaskLM(model.to(device).eval(), AutoTokenizer.from_pretrained(tokenizer), args.batch_size, device)
+    lm = TaskLM(model.to(device).eval(), AutoTokenizer.from_pretrained(tokenizer), args.batch_size, device,
+                autocast=autocast)
     scores = run_tasks(lm, names, args.tasks_dir, args.limit, args.num_fewshot)
-    scores["config"] = {"model": args.model, "tasks": names, "limit": args.limit, "num_fewshot": args.num_fewshot}
+    scores["config"] = {"model": args.model, "tasks": names, "limit": args.limit, "num_fewshot": args.num_fewshot,
+                        "precision": precision}
     print(table(scores))
     Path(args.output).write_text(json.dumps(scores, indent=2, default=str) + "\n")
     return 0

@@ -124,3 +124,41 @@ def test_fsdp_full_state_dict_checkpoint_exports(tmp_path, trained_run, capsys):
     assert run_cli(export.main, [str(fsdp_run), str(tmp_path / "hf")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert torch.equal(hf.model.embed_tokens.weight, state["embed_tokens.weight"])
+
+
+def test_evaluate_in_the_runs_bf16_reproduces_its_log_exactly(tmp_path, data_dir, capsys):
+    """A run trained and evaluated under bf16 autocast: evaluate's default is the run's precision and
+    batch, so its validation loss and task scores are the logged ones, bit for bit; fp32 differs."""
+    from accel_pretrain import evaluate
+    from accel_pretrain.tracking import read_log
+    from tests.helpers import TASKS_DIR, TINY, train
+
+    run, tasks = tmp_path / "run", "hellaswag_local,text_local"
+    assert train("--data", data_dir, "--out", run, *TINY, "--mixed_precision", "bf16", "--max_steps", 2,
+                 "--eval_interval", 2, "--save_interval", 2, "--eval_tasks", tasks, "--eval_tasks_interval", 2,
+                 "--eval_tasks_limit", 6, "--eval_tasks_dir", TASKS_DIR) == 0
+    log = read_log(run / "train_log.jsonl")
+    logged = next(r for r in log if "val_loss" in r)
+    scored = next(r for r in log if "tasks/text_local/word_perplexity" in r)
+    capsys.readouterr()
+
+    def evaluated(*args: str) -> tuple[dict, str]:
+        assert run_cli(evaluate.main, [str(run), *args]) == 0
+        captured = capsys.readouterr()
+        return json.loads(captured.out.strip().splitlines()[-1]), captured.err
+
+    same, err = evaluated("--data", str(data_dir), "--max_windows", "8")  # eval_iters x micro_batch_size
+    assert "precision: bf16 autocast (the run's)" in err and same["precision"] == "bf16 autocast"
+    assert same["loss"] == logged["val_loss"]
+    fp32, err = evaluated("--data", str(data_dir), "--max_windows", "8", "--precision", "fp32")
+    assert "precision: fp32 (--precision)" in err and fp32["loss"] != logged["val_loss"]
+    assert fp32["loss"] == pytest.approx(logged["val_loss"], rel=1e-2)
+
+    out = tmp_path / "tasks.json"
+    assert run_cli(evaluate.main, [str(run), "--tasks", tasks, "--tasks_dir", str(TASKS_DIR), "--limit", "6",
+                                   "--output", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert results["text_local"]["word_perplexity,none"] == scored["tasks/text_local/word_perplexity"]
+    assert results["hellaswag_local"]["acc,none"] == scored["tasks/hellaswag_local/acc"]
+    assert run_cli(evaluate.main, [str(run), "--tasks", tasks, "--data", str(data_dir)]) == 2
+    assert capsys.readouterr().err.strip().endswith("--data the validation loss: run them as two commands")
