@@ -99,6 +99,26 @@ def test_txt_separators_and_tail_split(tmp_path, capsys):
     assert json.loads((tmp_path / "b" / "meta.json").read_text())["documents"] == 3
 
 
+def test_a_txt_of_many_paragraphs_read_whole_says_so(tmp_path, capsys, monkeypatch):
+    """Without --doc_separator a .txt is one document; thousands of blank-line paragraphs in it get a
+    warning naming what was found and the flag that splits them (LF and CRLF, counted across reads)."""
+    from tokenization import corpus as corpus_module
+
+    monkeypatch.setattr(corpus_module, "FRAGMENT_BYTES", 5)  # blank lines straddle the blocks read
+    paragraphs = [f"paragraph {i} of a long text" for i in range(1200)]
+    text = "".join(p + ("\n\n" if i % 2 else "\r\n\r\n") for i, p in enumerate(paragraphs[:-1])) + paragraphs[-1]
+    (tmp_path / "book.txt").write_bytes(text.encode())
+    code, err = run(capsys, tmp_path / "book.txt", "--vocab_size", 300, "--out", tmp_path / "whole")
+    assert code == 0 and json.loads((tmp_path / "whole" / "meta.json").read_text())["documents"] == 1
+    assert (f"warning: {tmp_path / 'book.txt'} became one document (a .txt is read whole without --doc_separator) "
+            "and holds 1,199 blank lines between paragraphs; if they separate documents, prepare again with "
+            "--doc_separator blank") in err, err
+    code, err = run(capsys, tmp_path / "book.txt", "--vocab_size", 300, "--out", tmp_path / "split",
+                    "--doc_separator", "blank")
+    assert code == 0 and "blank lines" not in err
+    assert json.loads((tmp_path / "split" / "meta.json").read_text())["documents"] == 1200
+
+
 def test_jsonl_parquet_json_and_directory_inputs(tmp_path, capsys, documents):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -43,6 +43,7 @@ class Source:
     size_bytes: int | None = None
     sha256: str | None = None
     documents: int = 0
+    blank_lines: int = 0  # a .txt read whole (--doc_separator none): the empty lines that end paragraphs
     hf_config: str | None = None
     hf_split: str | None = None
     _hash: object = field(default=None, repr=False)
@@ -186,14 +187,17 @@ def _iter_txt(src: Source, opts: ReadOptions) -> Iterator[Part]:
     sep = opts.doc_separator
     decode = _Decoder(src, opts.errors)
     doc = _DocParts()
-    first = True
-    separators = 0
+    first, tail = True, b""
+    separators = src.blank_lines = 0  # counted anew each time the file is read
     for raw in _read_fragments(src, lines=sep != "none"):
         if first:
             _check_not_binary(raw, src, opts.errors)
             first = False
         line = decode(raw)
         if sep == "none":
+            joined = tail + raw  # a blank line may straddle two blocks
+            src.blank_lines += joined.count(b"\n\n") - tail.count(b"\n\n") + joined.count(b"\n\r\n")
+            tail = raw[-2:]
             yield from doc.add(line)
             continue
         complete = raw.endswith(b"\n")

@@ -29,6 +29,7 @@ from .tokenizer import (TRAINED_BPE, id_dtype, keep_every_token, load_tokenizer,
                         tokenizer_sha256)
 
 SEPARATOR_WORDS = ("none", "blank", "line")
+PARAGRAPHS_WARN = 1000  # blank lines in a .txt read as one document that suggest it holds many
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -114,6 +115,11 @@ def prepare(args: argparse.Namespace) -> Path:
         if args.num_shards > 1:
             meta["shard"] = {"index": args.shard_index, "count": args.num_shards, "by": shard_by}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    for src in sources:
+        if src.documents == 1 and src.blank_lines >= PARAGRAPHS_WARN:
+            print(f"warning: {src.name} became one document (a .txt is read whole without --doc_separator) and holds "
+                  f"{src.blank_lines:,} blank lines between paragraphs; if they separate documents, prepare again "
+                  "with --doc_separator blank", file=sys.stderr)
     if cutter.forced:
         print(f"warning: {cutter.forced} cut(s) inside text with no space or newline for {MAX_PIECE_CHARS:,} "
               "characters; ids near those cuts may differ from encoding the document whole", file=sys.stderr)
