@@ -204,13 +204,35 @@ def write_run_dir(cfg: TrainConfig, data: TokenData, accelerator, fresh: bool, e
     accelerator.wait_for_everyone()
 
 
-def check_resume(ckpt: Path, state: dict[str, Any], cfg: TrainConfig, data: TokenData) -> None:
-    """The checkpoint's model shape and data must be this run's."""
+def check_resume(ckpt: Path, state: dict[str, Any], cfg: TrainConfig, data: TokenData, shape: bool = True) -> None:
+    """The checkpoint's data (and, with shape, model shape) must be this run's; checked before a
+    complete run says so, so a conflicting resume is refused whatever the run's state."""
+    if state.get("data_fingerprint") != data.fingerprint():
+        if other_tokenizer(state, data):
+            tok = ckpt.parent.parent / "tokenizer"
+            raise UserError(f"cannot resume {ckpt}: it was trained on data of another tokenizer "
+                            f"({state.get('tokenizer') or 'unnamed'}, vocabulary {state.get('data_vocab_size', '?')}) "
+                            f"than {data.spec} ({data.meta.get('tokenizer')}, vocabulary {data.vocab_size}); a run "
+                            f"keeps its tokenizer: prepare the data with --tokenizer {tok}")
+        raise UserError(f"cannot resume {ckpt}: it was trained on other data ({state.get('data_dir')}); "
+                        "resume with the same --data")
+    if shape:
+        check_resume_shape(ckpt, state, cfg)
+
+
+def check_resume_shape(ckpt: Path, state: dict[str, Any], cfg: TrainConfig) -> None:
     saved = asdict(model_config_from_dict(state["model_config"]))  # fields it predates take their defaults
     diffs = [f"{k} {saved[k]} -> {v}" for k, v in cfg.to_dict()["model"].items()
              if k != "initializer_range" and saved[k] != v]
     if diffs:
         raise UserError(f"cannot resume {ckpt}: the model shape differs ({', '.join(diffs)})")
-    if state.get("data_fingerprint") != data.fingerprint():
-        raise UserError(f"cannot resume {ckpt}: it was trained on other data ({state.get('data_dir')}); "
-                        "resume with the same --data")
+
+
+def other_tokenizer(state: dict[str, Any], data: TokenData) -> bool:
+    """Whether the checkpoint's data came from another tokenizer: by fingerprint where both have one
+    (checkpoints before it: by tokenizer_sha256 and vocabulary size)."""
+    if state.get("tokenizer_fingerprint") and data.tokenizer_fingerprint:
+        return state["tokenizer_fingerprint"] != data.tokenizer_fingerprint
+    vocab = state.get("data_vocab_size", state.get("model_config", {}).get("vocab_size"))
+    sha = state.get("tokenizer_sha256")
+    return vocab != data.vocab_size or bool(sha and data.tokenizer_sha256 and sha != data.tokenizer_sha256)

@@ -30,7 +30,7 @@ from .launch import leave, process_start, start_accelerator
 from .memory import check_memory, out_of_memory_as_user_error
 from .model import Transformer, attention_mask
 from .optim import apply_config_to_schedule, build_optimizer, build_scheduler
-from .rundir import check_resume, check_steps, claim_run_dir, write_run_dir
+from .rundir import check_resume, check_resume_shape, check_steps, claim_run_dir, write_run_dir
 from .stopping import Deadline, StopRequest, StopVote, parse_duration
 from .tracking import RunLog, SpikeWatch, check_trackers, peak_flops, read_log
 
@@ -203,13 +203,16 @@ def setup(cfg: TrainConfig, data: TokenData, precision_why: str, held: ExitStack
     check_trackers(cfg.report_to)
     accelerator = start_accelerator(cfg)
     ckpt, state = claim_run_dir(cfg, accelerator, held)
-    if ckpt and not check_steps(cfg, ckpt, state):
-        return None
+    if ckpt:
+        check_resume(ckpt, state, cfg, data, shape=not cfg.init_from)  # an --init_from run's: once it is loaded
+        if not check_steps(cfg, ckpt, state):
+            return None
+        accelerator.print(f"resuming from {ckpt}: loading the model, optimizer and schedule")
     model = build_model(cfg, data)
     model.checkpoint_blocks = cfg.activation_checkpointing
     data.check_ids_below(cfg.model.vocab_size)
-    if ckpt:
-        check_resume(ckpt, state, cfg, data)
+    if ckpt and cfg.init_from:
+        check_resume_shape(ckpt, state, cfg)
     check_memory(cfg, model, accelerator)
     tokenizer = task_tokenizer(cfg, data, accelerator)
     write_run_dir(cfg, data, accelerator, fresh=not ckpt, extra=data_mixture(data))
@@ -444,7 +447,8 @@ def train_state(run: Run, step: int) -> dict[str, Any]:
     """Our part of a checkpoint: where the run is and what it was trained on."""
     cfg, data = run.cfg, run.data
     return {"step": step, "tokens_seen": run.tokens_seen, "data_fingerprint": data.fingerprint(),
-            "tokenizer_sha256": data.tokenizer_sha256,
+            "tokenizer_sha256": data.tokenizer_sha256, "tokenizer_fingerprint": data.tokenizer_fingerprint,
+            "tokenizer": data.meta.get("tokenizer"), "data_vocab_size": data.vocab_size,
             "data_dir": str(data.dir), "model_config": cfg.to_dict()["model"],
             "world_size": run.accelerator.num_processes, "elapsed_s": run.elapsed(), "config": cfg.to_dict()}
 

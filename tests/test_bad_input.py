@@ -92,6 +92,16 @@ def test_occupied_run_dir_and_resume_mismatches(tmp_path, data_dir, trained_run,
     (other / "meta.json").write_text(json.dumps(meta))
     assert train("--data", other, "--out", trained_run, *TINY, "--max_steps", 8, "--resume") == 2
     one_line_error(capsys, "trained on other data")
+    # refused even though the run is complete (no --max_steps above its last step)
+    assert train("--data", data_dir, "--out", trained_run, "--resume", "--num_hidden_layers", 3) == 2
+    one_line_error(capsys, "the model shape differs (num_hidden_layers 2 -> 3)")
+    meta |= {"tokenizer_fingerprint": "f" * 64, "tokenizer": "another/tokenizer"}
+    (other / "meta.json").write_text(json.dumps(meta))
+    assert train("--data", other, "--out", trained_run, "--resume") == 2
+    one_line_error(capsys, f"it was trained on data of another tokenizer (byte-level BPE trained on the corpus (vocab 512), vocabulary "
+                           f"512) than "
+                           f"{other} (another/tokenizer, vocabulary 512); a run keeps its tokenizer: prepare the data "
+                           f"with --tokenizer {trained_run / 'tokenizer'}")
     assert train("--data", data_dir, "--out", tmp_path / "fresh", *TINY, "--resume") == 2
     one_line_error(capsys, "holds no run")
     assert sorted(p.name for p in trained_run.rglob("*")) == before
