@@ -134,12 +134,16 @@ class TrainConfig:
     eval_tasks_interval: int | None = opt(None, "steps between --eval_tasks scores (default: save_interval; such a "
                                                 "step also saves)")
     eval_tasks_dir: str | None = opt(None, "a folder of task YAMLs of your own for --eval_tasks (e.g. on local data)")
+    eval_at_start: bool | None = opt(None, "log validation loss and --eval_tasks at step 0, before the first update: "
+                                           "the baseline of a continued pretraining (default: on with --init_from)")
     keep_checkpoints: int = opt(3, "checkpoints kept; older ones are deleted")
     log_interval: int = opt(10, "steps between lines in train_log.jsonl (and printed lines when not on a terminal)")
     seed: int = opt(1337, "seed of the initial weights and of the training windows")
     resume: str | None = opt(None, "continue the run in --out from its latest checkpoint, or from a checkpoint path; "
                                    "'auto': continue if there is a checkpoint, else start (for requeued jobs)")
-    init_from: str | None = opt(None, "start from a Hugging Face Llama checkpoint (folder or hub name)")
+    init_from: str | None = opt(None, "start from the weights of a Hugging Face model (Llama, Mistral, Qwen2, Qwen3; "
+                                      "folder or hub name) or of a run or checkpoint of ours, with a fresh optimizer "
+                                      "and schedule on --data")
     report_to: str = opt("none", "trackers: none, wandb, tensorboard or all")
     project_name: str = opt("accel-pretrain", "tracker project name")
     mixed_precision: str | None = opt(None, "no (fp32), bf16, fp16 or auto (bf16 where the hardware has it natively); "
@@ -335,7 +339,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if not eq:
             nxt = args[i + 1] if i + 1 < len(args) else None
             takes_flag = key in ("resume", "overwrite", "compile", "tie_word_embeddings", "document_masking",
-                                 "activation_checkpointing")
+                                 "activation_checkpointing", "eval_at_start")
             if nxt is None or (nxt.startswith("--") and takes_flag):
                 if not takes_flag:
                     raise UserError(f"--{key} needs a value")

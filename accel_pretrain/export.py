@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import model_from_checkpoint, resolve_checkpoint, tokenizer_dir_of
 from .errors import UserError, run_cli
-from .hf import to_hf_model
+from .hf import ORIGIN, to_hf_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,9 +53,14 @@ def export(src: str, out: str, dtype: str = "float32", overwrite: bool = False, 
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     bos = tok.bos_token_id if tok.bos_token_id is not None else eos
     hf = to_hf_model(model, bos_token_id=bos, eos_token_id=eos, dtype=DTYPES[dtype])
-    # No max_new_tokens: it would override the max_length a caller passes (lm-eval's max_gen_toks).
-    hf.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, do_sample=True,
-                                            temperature=0.8, top_k=50, top_p=0.95)
+    origin = ckpt.parent.parent / ORIGIN  # a run started --init_from a Hugging Face model keeps its settings
+    if (origin / "generation_config.json").is_file():
+        hf.generation_config = GenerationConfig.from_pretrained(str(origin))
+    else:  # no max_new_tokens: it would override the max_length a caller passes (lm-eval's max_gen_toks)
+        hf.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, do_sample=True,
+                                                temperature=0.8, top_k=50, top_p=0.95)
+    if (origin / "config.json").is_file():
+        hf.config.pad_token_id = json.loads((origin / "config.json").read_text()).get("pad_token_id")
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"

@@ -1,11 +1,13 @@
 """State-dict and config adapter between our Transformer and transformers' Llama, Mistral, Qwen2
-and Qwen3 models (the same module names in all four).
+and Qwen3 models (the same module names in all four), and what an export keeps of the model a run started from.
 
 One table serves both directions: export renames ours -> HF, import renames HF -> ours. Anything in
 an HF config that our model cannot represent is refused with the list of what differs."""
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -161,3 +163,27 @@ def from_hf_pretrained(name_or_path: str) -> Transformer:
         raise UserError(f"{name_or_path}: weights do not match the config (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
     return model
+
+
+ORIGIN = "init_from"  # RUN/init_from/: what export keeps of an --init_from Hugging Face model
+
+
+def save_origin(source: str, dest: Path) -> None:
+    """The --init_from model's config.json (its pad_token_id) and generation_config.json (its decoding
+    defaults), kept so that an export of the run carries the original's, not ours; a run of ours
+    passes on the one it started from, if any."""
+    from .checkpoint import STATE_FILE, resolve_checkpoint
+
+    src = Path(source)
+    if (src / STATE_FILE).is_file() or (src / "checkpoints").is_dir():
+        before = resolve_checkpoint(src).parent.parent / ORIGIN
+        if before.is_dir():
+            shutil.copytree(before, dest, dirs_exist_ok=True)
+        return
+    from transformers import GenerationConfig
+
+    load_hf_config(source).save_pretrained(str(dest))
+    try:
+        GenerationConfig.from_pretrained(source).save_pretrained(str(dest))
+    except OSError:  # the model has no generation_config.json: export writes ours
+        pass

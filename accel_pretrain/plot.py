@@ -48,7 +48,9 @@ def plot(runs: list[str], out: str) -> Path:
             ax_loss.plot([s * tokens_per_step for s in steps], [t["loss"] if t else ax_loss.get_ylim()[1] for t in at],
                          marker, color="red", ms=9, ls="none", label=f"{name} {event}" if steps else None)
     ax_loss.set_ylabel("cross-entropy (nats)")
-    ax_loss.set_xscale("log")
+    # a step-0 baseline (--eval_at_start) sits at 0 tokens: linear up to one step's tokens, logarithmic beyond
+    one_step = min(next((r["tokens_per_step"] for r in log if "tokens_per_step" in r), 1) for log in logs.values())
+    ax_loss.set_xscale("symlog", linthresh=one_step)
     ax_loss.grid(True, which="both", alpha=0.3)
     ax_loss.legend()
     ax_loss.set_title("accel-pretrain: loss against tokens seen")

@@ -24,10 +24,11 @@ from .checkpoint import checkpoint_step, list_checkpoints, read_state, resolve_c
 from .config import TRAIN_FIELDS, TrainConfig, model_config_from_dict, save_json
 from .data import TokenData
 from .errors import UserError
+from .hf import ORIGIN
 from .optim import lr_at, wsd_decay_start
 from .tracking import read_log
 
-RUN_FILES = ("config.json", "train_log.jsonl", "checkpoints", "tokenizer")
+RUN_FILES = ("config.json", "train_log.jsonl", "checkpoints", "tokenizer", ORIGIN)
 LOCK_FILE = ".lock"
 
 
@@ -156,7 +157,7 @@ def check_steps(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> bool:
     below the checkpoint's step, which would rewrite the run's record for nothing."""
     step = int(state.get("step", 0))
     if cfg.max_steps > step:
-        warn_wsd_rewarm(cfg, ckpt, state)
+        warn_wsd_rewarm(cfg, ckpt, state) or warn_lr_jump(cfg, state)
         return True
     if cfg.max_steps < step:
         raise UserError(f"--max_steps {cfg.max_steps} is below step {step} of {ckpt}; nothing changed "
@@ -166,18 +167,38 @@ def check_steps(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> bool:
     return False
 
 
-def warn_wsd_rewarm(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> None:
+def warn_lr_jump(cfg: TrainConfig, state: dict[str, Any]) -> bool:
+    """A resume whose new schedule (another --max_steps, --lr, --warmup_steps...) moves the next step's
+    lr by more than half from where the run's own schedule had it: say so before anything is written."""
+    saved = state.get("config") or {}
+    step = int(state.get("step", 0))
+    if not saved or int(os.environ.get("RANK", "0")) != 0:
+        return False
+    before = TrainConfig(**{k: v for k, v in saved.items() if k in TRAIN_FIELDS})
+    was, now = lr_at(step, before), lr_at(step, cfg)
+    if min(was, now) * 1.5 >= max(was, now):
+        return False
+    changed = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in ("max_steps", "lr", "min_lr", "warmup_steps",
+               "lr_schedule", "decay_fraction", "decay_shape") if k in saved and saved[k] != getattr(cfg, k)]
+    print(f"warning: resuming with {', '.join(changed)} moves the lr of step {step + 1} from {was:.2e} (the run's "
+          f"schedule) to {now:.2e} at once: the {cfg.lr_schedule} schedule follows --max_steps; to keep the lr "
+          "continuous, resume with the run's --max_steps, or with --lr_schedule wsd from before its decay",
+          file=sys.stderr, flush=True)
+    return True
+
+
+def warn_wsd_rewarm(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> bool:
     """Extending a WSD run from inside its decay would send the lr from the decayed value back up
     to the peak: say so, and name the way around it, before anything is written."""
     saved = state.get("config") or {}
     step = int(state.get("step", 0))
     if cfg.lr_schedule != "wsd" or saved.get("lr_schedule") != "wsd" or saved.get("max_steps", 0) >= cfg.max_steps:
-        return
+        return False
     before = TrainConfig(**{k: v for k, v in saved.items() if k in TRAIN_FIELDS})
     start = wsd_decay_start(before)
     was, now = lr_at(step - 1, before), lr_at(step, cfg)
     if step <= start or now <= was * 1.01 or int(os.environ.get("RANK", "0")) != 0:
-        return
+        return False
     earlier = [c for c in list_checkpoints(ckpt.parent.parent) if checkpoint_step(c) <= start]
     where = f"--resume {earlier[-1]}" if earlier else "a checkpoint from before it (none is kept)"
     print(f"warning: {ckpt.name} is inside this WSD run's decay (it began at step {start} of {saved['max_steps']}); "
@@ -185,6 +206,7 @@ def warn_wsd_rewarm(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> None
           f"without the jump, restart the decay from {where}, or continue at the decayed lr with --lr {was:g} "
           f"--min_lr {min(cfg.min_lr, was):g}",
           file=sys.stderr, flush=True)
+    return True
 
 
 def write_run_dir(cfg: TrainConfig, data: TokenData, accelerator, fresh: bool, extra: dict[str, Any]) -> None:
@@ -201,6 +223,10 @@ def write_run_dir(cfg: TrainConfig, data: TokenData, accelerator, fresh: bool, e
         save_json(cfg.to_dict() | extra, run / "config.json")
         if not (run / "tokenizer").exists() and (data.dir / "tokenizer").is_dir():
             shutil.copytree(data.dir / "tokenizer", run / "tokenizer")
+        if cfg.init_from and fresh:
+            from .hf import save_origin
+
+            save_origin(cfg.init_from, run / ORIGIN)
     accelerator.wait_for_everyone()
 
 

@@ -16,6 +16,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, NamedTuple, NoReturn
 
 import torch
@@ -61,6 +62,8 @@ def configure(argv: list[str]) -> tuple[TrainConfig, TokenData, str]:
     data = TokenData(cfg.data)
     if cfg.init_from is None:
         cfg.model.vocab_size = data.vocab_size
+    if cfg.eval_at_start is None:
+        cfg.eval_at_start = bool(cfg.init_from)
     cfg.validate()
     from_run = "mixed_precision" in cfg.carried
     if from_run and cfg.mixed_precision is None:  # saved by a version that left it to the launch config
@@ -94,11 +97,13 @@ def mixture_line(data: TokenData) -> str:
 
 
 def build_model(cfg: TrainConfig, data: TokenData) -> Transformer:
+    """A fresh model of cfg.model, or --init_from's weights: a Hugging Face model, or a run or
+    checkpoint of ours (weights only: the optimizer and schedule start anew on the data given)."""
     if cfg.init_from:
-        from .hf import from_hf_pretrained
+        from .checkpoint import load_any
 
-        check_same_tokenizer(data, cfg.init_from, "the --init_from model")
-        model = from_hf_pretrained(cfg.init_from)
+        model, tokenizer, _ = load_any(cfg.init_from)
+        check_same_tokenizer(data, tokenizer, "the --init_from model")
         if model.config.vocab_size < data.vocab_size:
             raise UserError(f"--init_from model has {model.config.vocab_size} tokens, the data {data.vocab_size}: "
                             "prepare the data with that model's tokenizer (--tokenizer)")
@@ -118,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         if run is None:  # nothing left to do: the run is complete
             return 0
         done = run.start_step
+        if done == 0 and cfg.eval_at_start:
+            baseline(run)
         run.model.train()
         for step in range(run.start_step, run.cfg.max_steps):
             batch = get_batch(run, step)
@@ -152,6 +159,8 @@ class Run:
     spikes: SpikeWatch = field(default_factory=lambda: SpikeWatch([]))
     t_start: float = field(default_factory=time.perf_counter)
     t_last: float = field(default_factory=time.perf_counter)
+    paused: float = 0.0  # seconds of eval, save and task scoring since the last logged step
+    costs: dict[str, float] = field(default_factory=dict)  # the last measured seconds of each periodic action
 
     def __post_init__(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
@@ -281,6 +290,9 @@ def open_log(run: Run, ckpt: Path | None, precision_why: str) -> None:
         accelerator.print("resuming with " + ", ".join(changed))
     if len(data.sources) > 1:
         accelerator.print(mixture_line(data))
+    if cfg.init_from and not ckpt and "lr" not in cfg.given:
+        accelerator.print(f"note: --init_from with the from-scratch peak lr {cfg.lr:g}, which makes a trained model "
+                          "forget first; README (Your model, your data) suggests --lr 1e-4 and a short warmup")
     accelerator.print(f"{n_params / 1e6:.2f}M parameters | world size {world} | {PRECISION.get(mixed, mixed)} "
                       f"({precision_why}) | "
                       f"{run.tokens_per_step:,} tokens per step ({mb} x {T} x {ga} accumulation x {world} processes)"
@@ -357,15 +369,15 @@ def periodic_actions(run: Run, result: StepResult, done: int, stopping: bool) ->
     if logging:
         log_step(run, result, done)
     if evaluating:
-        m = evaluate_step(run, done)
+        m = timed(run, "eval", lambda: evaluate_step(run, done))
         if run.accelerator.is_main_process:
             run.bar.write(f"step {done}: val_loss {m['loss']:.4f}, ppl {m['perplexity']:.2f}")
     if saving:
-        started = time.monotonic()
-        save_checkpoint(run.accelerator, run.dir, done, train_state(run, done), cfg.keep_checkpoints)
-        run.deadline.saved(time.monotonic() - started)
+        timed(run, "save", lambda: save_checkpoint(run.accelerator, run.dir, done, train_state(run, done),
+                                                   cfg.keep_checkpoints))
+        run.deadline.saved(run.costs["save"])
     if scoring and not stopping:  # after the save: a run killed while scoring loses nothing
-        score_tasks(run, done)
+        timed(run, "tasks", lambda: score_tasks(run, done))
 
 
 def task_names(cfg: TrainConfig) -> list[str]:
@@ -399,12 +411,23 @@ def score_tasks(run: Run, done: int) -> None:
                                                for t, m in sorted(scores["results"].items()) if "acc,none" in m) + core)
 
 
+def baseline(run: Run) -> None:
+    """Validation loss and --eval_tasks at step 0, before the first update: the "before" of a run."""
+    started = time.perf_counter()
+    m = evaluate_step(run, 0)
+    if run.accelerator.is_main_process:
+        run.bar.write(f"step 0: val_loss {m['loss']:.4f}, ppl {m['perplexity']:.2f} (before the first update)")
+    if run.cfg.eval_tasks:
+        score_tasks(run, 0)
+    run.paused += time.perf_counter() - started
+
+
 def log_step(run: Run, result: StepResult, done: int) -> None:
     """One train_log.jsonl line (and tracker record), the bar or a plain line, and the spike watch."""
     cfg, accelerator = run.cfg, run.accelerator
     now = time.perf_counter()
-    tps = (run.tokens_seen - run.tokens_last) / max(now - run.t_last, 1e-9)
-    run.t_last, run.tokens_last = now, run.tokens_seen
+    tps = (run.tokens_seen - run.tokens_last) / max(now - run.t_last - run.paused, 1e-9)  # training time only
+    run.t_last, run.tokens_last, run.paused = now, run.tokens_seen, 0.0
     peak = run.peak_flops
     record = {"step": done, "tokens": run.tokens_seen,
               "loss": accelerator.reduce(result.loss_sum / cfg.gradient_accumulation_steps, "mean").item(),
@@ -424,9 +447,30 @@ def log_step(run: Run, result: StepResult, done: int) -> None:
     accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=done)
     run.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{result.lr:.2e}", refresh=False)
     if run.bar.disable and accelerator.is_main_process:  # not a terminal (make, CI, SLURM): a plain line
-        eta = (cfg.max_steps - done) * run.tokens_per_step / max(tps, 1e-9)
+        eta = (cfg.max_steps - done) * run.tokens_per_step / max(tps, 1e-9) + periodic_seconds(run, done)
         print(f"step {done}/{cfg.max_steps} | loss {record['loss']:.4f} | lr {result.lr:.2e} | {tps:,.0f} tok/s | "
               f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
+
+
+def periodic_seconds(run: Run, done: int) -> float:
+    """What the evaluations, saves and task scores still to come will take, at their last measured cost."""
+    cfg = run.cfg
+
+    def left(interval: int) -> int:  # steps after `done` that are multiples of interval, or the last step
+        return cfg.max_steps // interval - done // interval + (cfg.max_steps % interval != 0)
+
+    intervals = {"eval": cfg.eval_interval, "save": cfg.save_interval,
+                 "tasks": cfg.eval_tasks_interval or cfg.save_interval}
+    return sum(left(intervals[k]) * seconds for k, seconds in run.costs.items())
+
+
+def timed(run: Run, what: str, action: Callable[[], Any]) -> Any:
+    """Run a periodic action, recording its cost for the ETA and keeping it out of tokens/s."""
+    started = time.perf_counter()
+    out = action()
+    run.costs[what] = time.perf_counter() - started
+    run.paused += run.costs[what]
+    return out
 
 
 def evaluate_step(run: Run, done: int) -> dict[str, float]:

@@ -114,7 +114,11 @@ def test_run_from_qwen2_exports_qwen2_that_transformers_loads(tmp_path, data_dir
     from tests.conftest import make_documents
     from tokenization.prepare import main as prepare
 
+    from transformers import GenerationConfig
+
     hf = random_hf_model("qwen2")
+    hf.config.pad_token_id = 2
+    hf.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=1, pad_token_id=2, do_sample=False)
     src = tmp_path / "qwen2"
     hf.save_pretrained(src)
     AutoTokenizer.from_pretrained(str(data_dir / "tokenizer")).save_pretrained(src)
@@ -130,6 +134,9 @@ def test_run_from_qwen2_exports_qwen2_that_transformers_loads(tmp_path, data_dir
                  "--eval_interval", 2, "--save_interval", 2) == 0
     out = export(str(run), str(tmp_path / "hf"))
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    assert json.loads((out / "config.json").read_text())["pad_token_id"] == 2  # the original's, as its decoding:
+    kept = json.loads((out / "generation_config.json").read_text())
+    assert kept["do_sample"] is False and "temperature" not in kept and kept["pad_token_id"] == 2
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert type(loaded).__name__ == "Qwen2ForCausalLM"
     assert all(p.abs().sum() > 0 for n, p in loaded.named_parameters() if n.endswith("bias"))
@@ -147,3 +154,31 @@ def test_qwen3_preset_trains_and_exports_qwen3(tmp_path, data_dir):
     out = export(str(run), str(tmp_path / "hf"))
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert type(loaded).__name__ == "Qwen3ForCausalLM" and loaded.config.head_dim == 32
+
+
+def test_init_from_a_run_of_ours_starts_from_its_weights_with_a_baseline(tmp_path, data_dir, trained_run, capsys):
+    """Stage 2 of a run: --init_from a run directory (or one checkpoint) of ours loads its weights
+    alone, on the data given with the same tokenizer; the baseline at step 0 (on by default with
+    --init_from) is the source run's own last validation loss, and plot draws it as the first point."""
+    from accel_pretrain import plot
+    from accel_pretrain.checkpoint import list_checkpoints
+    from accel_pretrain.tracking import read_log
+
+    source = read_log(trained_run / "train_log.jsonl")
+    stage2 = tmp_path / "stage2"
+    assert train("--data", data_dir, "--out", stage2, *TINY[2:], "--init_from", trained_run, "--max_steps", 2,
+                 "--eval_interval", 2, "--save_interval", 2, "--lr", "1e-4", "--eval_iters", 2) == 0
+    assert "step 0: val_loss" in capsys.readouterr().out
+    log = read_log(stage2 / "train_log.jsonl")
+    evals = [r for r in log if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 2]
+    assert evals[0]["val_loss"] == [r for r in source if "val_loss" in r][-1]["val_loss"]  # same weights, windows
+    first = next(r for r in log if "loss" in r)
+    assert first["step"] == 1 and first["lr"] < 1e-4  # a fresh warmup, not the source's schedule
+    assert plot.main([str(stage2), "--out", str(tmp_path / "p.png")]) == 0
+
+    ckpt = list_checkpoints(trained_run)[-1]
+    again = tmp_path / "from_ckpt"
+    assert train("--data", data_dir, "--out", again, *TINY[2:], "--init_from", ckpt, "--max_steps", 1,
+                 "--eval_at_start", "false") == 0
+    assert not [r for r in read_log(again / "train_log.jsonl") if r.get("step") == 0 and "val_loss" in r]

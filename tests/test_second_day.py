@@ -58,6 +58,22 @@ def test_extending_a_finished_wsd_run_warns_and_names_the_checkpoint_before_its_
     assert "warning" not in capsys.readouterr().err
 
 
+def test_a_resume_that_shortens_a_cosine_warns_of_the_lr_jump(tmp_path, data_dir, capsys):
+    """--max_steps 8 -> 5 from step 4 moves a cosine from mid-way to its floor in one step: said, with
+    the lr before and after; extending by one step moves it little: nothing said."""
+    run = tmp_path / "run"
+    assert train("--data", data_dir, "--out", run, *TINY, "--max_steps", 8, "--save_interval", 4,
+                 "--eval_interval", 8) == 0
+    capsys.readouterr()
+    assert train("--out", run, "--resume", "--max_steps", 9) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert train("--out", run, "--resume", run / "checkpoints" / "step_0000004", "--max_steps", 5) == 0
+    err = capsys.readouterr().err
+    lr = [r["lr"] for r in map(json.loads, (run / "train_log.jsonl").read_text().splitlines()) if "lr" in r][-1]
+    assert ("warning: resuming with max_steps 8 -> 5 moves the lr of step 5 from 2.32e-03 (the run's schedule) to "
+            f"{lr:.2e} at once: the cosine schedule follows --max_steps") in err, err
+
+
 def test_a_command_without_a_precision_gets_auto_and_says_why(tmp_path, data_dir, capsys):
     from accel_pretrain.config import auto_precision
 

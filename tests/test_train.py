@@ -220,3 +220,28 @@ def test_cpu_steps_reuse_freed_memory_instead_of_faulting_it_in_again() -> None:
     for name in ("heap_top", "train"):
         assert min(out["before"][name][1:]) >= pages, out  # every pass after the first faults its block in
         assert sum(out["after"][name][-8:]) < pages // 100, out  # in steady state none does
+
+
+def test_tokens_per_second_and_eta_around_a_slow_evaluation(tmp_path, data_dir, capsys, monkeypatch):
+    """tokens/s is training tokens over training time (an evaluation of 1 s is not in it), and the ETA
+    counts the evaluations still to come at their measured cost."""
+    import time
+
+    from accel_pretrain import train as train_module
+    from accel_pretrain.tracking import read_log
+
+    evaluate_step = train_module.evaluate_step
+
+    def slow(run, done):  # noqa: ANN001, ANN202
+        time.sleep(1.0)
+        return evaluate_step(run, done)
+
+    monkeypatch.setattr(train_module, "evaluate_step", slow)
+    run = tmp_path / "run"
+    assert train("--data", data_dir, "--out", run, *TINY, "--max_steps", 6, "--eval_interval", 2,
+                 "--save_interval", 100) == 0
+    logged = [r for r in read_log(run / "train_log.jsonl") if "loss" in r]
+    assert len(logged) == 6 and all(r["tokens_per_s"] > 128 / 0.5 for r in logged), logged  # 128 tokens per step
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("step 3/6"))
+    hours, minutes, seconds = map(int, line.rsplit("ETA ", 1)[1].split(":"))
+    assert 3600 * hours + 60 * minutes + seconds >= 2, line  # the evaluations at steps 4 and 6
