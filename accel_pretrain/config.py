@@ -120,6 +120,9 @@ class TrainConfig:
     lr_schedule: str = opt("cosine", "after warmup: cosine to min_lr, or wsd (constant, then a final decay)")
     decay_fraction: float = opt(0.2, "wsd: the share of max_steps spent decaying at the end")
     decay_shape: str = opt("linear", "wsd: linear or 1-sqrt decay to min_lr")
+    decay_start: int | None = opt(None, "wsd: the step the decay starts (default: the last decay_fraction of "
+                                        "max_steps; with --time_limit, set when the time left comes to that fraction "
+                                        "of the run's, so the run ends decayed)")
     optimizer: str = opt("adamw", "adamw, or muon: Muon for the matrices inside the blocks, AdamW for the rest")
     weight_decay: float = opt(0.1, "AdamW weight decay (not applied to norms)")
     beta1: float = opt(0.9, "AdamW beta1")
@@ -170,8 +173,8 @@ class TrainConfig:
             self.min_lr = self.lr / 10
         if not 0 <= self.min_lr <= self.lr:
             raise UserError(f"min_lr must be between 0 and lr={self.lr} (got {self.min_lr})")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise UserError("warmup_steps, weight_decay and grad_clip must not be negative")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0 or (self.decay_start or 0) < 0:
+            raise UserError("warmup_steps, weight_decay, grad_clip and decay_start must not be negative")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise UserError("beta1 and beta2 must be in [0, 1)")
         for name, allowed in CHOICES.items():

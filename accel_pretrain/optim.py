@@ -30,7 +30,11 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def wsd_decay_start(cfg: TrainConfig) -> int:
-    """The first step of a WSD run's decay (the lr is constant before it)."""
+    """The first step of a WSD run's decay (the lr is constant before it): decay_start where set (a
+    time-limited run sets it when its time left comes to decay_fraction), else the last
+    decay_fraction of max_steps."""
+    if cfg.decay_start is not None:
+        return max(cfg.warmup_steps, cfg.decay_start)
     return max(cfg.warmup_steps, cfg.max_steps - round(cfg.decay_fraction * cfg.max_steps))
 
 

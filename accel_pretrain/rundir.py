@@ -168,18 +168,19 @@ def check_steps(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> bool:
 
 
 def warn_lr_jump(cfg: TrainConfig, state: dict[str, Any]) -> bool:
-    """A resume whose new schedule (another --max_steps, --lr, --warmup_steps...) moves the next step's
-    lr by more than half from where the run's own schedule had it: say so before anything is written."""
+    """A resume whose new schedule shape (another --max_steps, --warmup_steps, schedule...) moves the
+    next step's lr by more than half from where the run's own schedule had it: say so before anything
+    is written. A new --lr or --min_lr is the user's own choice (e.g. lower after a divergence)."""
     saved = state.get("config") or {}
     step = int(state.get("step", 0))
     if not saved or int(os.environ.get("RANK", "0")) != 0:
         return False
-    before = TrainConfig(**{k: v for k, v in saved.items() if k in TRAIN_FIELDS})
+    before = TrainConfig(**{k: v for k, v in saved.items() if k in TRAIN_FIELDS} | {"lr": cfg.lr, "min_lr": cfg.min_lr})
     was, now = lr_at(step, before), lr_at(step, cfg)
     if min(was, now) * 1.5 >= max(was, now):
         return False
-    changed = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in ("max_steps", "lr", "min_lr", "warmup_steps",
-               "lr_schedule", "decay_fraction", "decay_shape") if k in saved and saved[k] != getattr(cfg, k)]
+    changed = [f"{k} {saved[k]} -> {getattr(cfg, k)}" for k in ("max_steps", "warmup_steps", "lr_schedule",
+               "decay_fraction", "decay_shape", "decay_start") if k in saved and saved[k] != getattr(cfg, k)]
     print(f"warning: resuming with {', '.join(changed)} moves the lr of step {step + 1} from {was:.2e} (the run's "
           f"schedule) to {now:.2e} at once: the {cfg.lr_schedule} schedule follows --max_steps; to keep the lr "
           "continuous, resume with the run's --max_steps, or with --lr_schedule wsd from before its decay",

@@ -8,7 +8,6 @@ import signal
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from .errors import UserError
@@ -34,39 +33,62 @@ class StopRequest:
 
 
 class StopVote:
-    """Whether any rank was asked to stop, agreed by all ranks without waiting for the device.
+    """Flags (stop, start the decay) that any rank may raise, agreed by all ranks without waiting for
+    the device, over the training's own process group (no second group: nothing to find a network
+    interface for, as gloo must on a cluster).
 
-    Each step, every rank adds its flag to an all-reduce over a gloo group of its own: one integer
-    in host memory, summed by gloo's thread while the step's kernels run, never queued behind them
-    on a GPU stream. The sum is read one step later, when it is long done: no host-device sync,
-    whatever the world size. All ranks read the same vote at the same step, so all stop and save
-    the same step (one step after the signal). One process needs no vote: its flag is the answer."""
+    Each step a rank writes its flags into pinned host memory, copies them to the device without
+    blocking, all-reduces them there asynchronously (queued on the device after the step's kernels)
+    and copies the sum back into pinned memory, marking the copy with an event. The sum is read one
+    step later, when it is long done: no host-device sync per step, whatever the world size. Two
+    buffers alternate, so a step never writes memory whose copy may still be in flight. All ranks
+    read the same sum at the same step, so all stop (or start decaying) at the same step, one step
+    after the first rank asked. One process needs no vote: its flags are the answer."""
 
-    def __init__(self, world: int) -> None:
-        import torch.distributed as dist
+    FLAGS = 2
 
-        self.group = dist.new_group(backend="gloo") if world > 1 else None
-        self.pending: tuple[Any, np.ndarray] | None = None
+    def __init__(self, world: int, device: torch.device) -> None:
+        self.world, self.device = world, device
+        pin = device.type == "cuda"
+        self.host = [torch.zeros(self.FLAGS, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self.back = [torch.zeros(self.FLAGS, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self.turn = 0
+        self.pending: tuple[Any, Any, torch.Tensor] | None = None  # (work, copy-done event, host result)
 
-    def __call__(self, flag: bool) -> bool:
-        """Cast this step's flag; True when the vote cast a step ago had a rank asking to stop."""
-        if self.group is None:
-            return flag
+    def __call__(self, stop: bool, decay: bool = False) -> tuple[bool, bool]:
+        """Cast this step's flags; returns the flags of the vote cast a step ago (any rank's)."""
+        if self.world == 1:
+            return stop, decay
         import torch.distributed as dist
 
         agreed = self.result()
-        votes = np.array([int(flag)], dtype=np.int64)
-        self.pending = (dist.all_reduce(torch.from_numpy(votes), group=self.group, async_op=True), votes)
+        host, back = self.host[self.turn], self.back[self.turn]
+        self.turn ^= 1
+        host.numpy()[:] = (int(stop), int(decay))
+        votes = host.to(self.device, non_blocking=True)
+        work = dist.all_reduce(votes, async_op=True)
+        if self.device.type == "cuda":
+            work.wait()  # on CUDA: the copy below is queued after the all-reduce; the host does not wait
+            back.copy_(votes, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self.pending = (None, done, back)
+        else:
+            self.pending = (work, None, votes)
         return agreed
 
-    def result(self) -> bool:
-        """Wait for the vote in flight (if any) and read it from host memory."""
+    def result(self) -> tuple[bool, bool]:
+        """Wait for the vote in flight (if any; finished long ago) and read it from host memory."""
         if self.pending is None:
-            return False
-        work, votes = self.pending
-        work.wait()
+            return False, False
+        work, done, values = self.pending
+        if work is not None:
+            work.wait()
+        if done is not None:
+            done.synchronize()
         self.pending = None
-        return bool(votes[0])
+        stop, decay = values.numpy().tolist()
+        return stop > 0, decay > 0
 
 
 def parse_duration(text: str) -> float:
@@ -93,8 +115,10 @@ class Deadline:
 
     def __init__(self, time_limit: str | None, state_bytes: int, start: float | None = None) -> None:
         ends = []
-        if time_limit:
-            ends.append((start or time.time()) + parse_duration(time_limit))
+        self.start = start or time.time()
+        self.limit_end = self.start + parse_duration(time_limit) if time_limit else None  # --time_limit's alone
+        if self.limit_end is not None:
+            ends.append(self.limit_end)
         if os.environ.get("SLURM_JOB_END_TIME", "").isdigit():
             ends.append(float(os.environ["SLURM_JOB_END_TIME"]))
         self.end = min(ends) if ends else None
@@ -112,11 +136,26 @@ class Deadline:
         """A save's duration; the step that saved also counts it (and its eval) in its own time."""
         self.save_s = seconds
 
+    def margin(self) -> float:
+        """Seconds a stop needs before the end: two of the slowest recent steps, two saves, the teardown."""
+        return 2 * max(self.steps, default=0.0) + 2 * self.save_s + self.SLACK_S
+
+    def decay_due(self, fraction: float, elapsed_before: float) -> bool:
+        """--time_limit with a WSD schedule: whether the time left before the stop is down to `fraction`
+        of the run's time (the jobs before this one included), when the decay must start for the run
+        to end decayed. SLURM's end of a job is not the run's end (a requeued job continues it)."""
+        if self.limit_end is None:
+            return False
+        return self.left() <= fraction * (elapsed_before + self.limit_end - self.start)
+
+    def left(self) -> float:
+        """Seconds of --time_limit left for steps before the stop must begin."""
+        return self.limit_end - time.time() - self.margin()
+
     def due(self) -> bool:
         """Once due, always due: the save that follows may be quicker than estimated and shrink the
         margin, but the decision (and the stop message that names it) stands."""
         if self.end is None:
             return False
-        need = 2 * max(self.steps, default=0.0) + 2 * self.save_s + self.SLACK_S
-        self.reached = self.reached or time.time() + need >= self.end
+        self.reached = self.reached or time.time() + self.margin() >= self.end
         return self.reached

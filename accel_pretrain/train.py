@@ -23,14 +23,14 @@ import torch
 
 from . import __version__
 from .checkpoint import list_checkpoints, save_checkpoint
-from .config import MODEL_FIELDS, TrainConfig, changes, flatten, help_text, resolve, resolve_precision
+from .config import MODEL_FIELDS, TrainConfig, changes, flatten, help_text, resolve, resolve_precision, save_json
 from .data import TokenData, check_same_tokenizer, step_windows
 from .errors import UserError, run_cli
 from .evaluate import metrics, score
 from .launch import leave, process_start, start_accelerator
 from .memory import check_memory, out_of_memory_as_user_error
 from .model import Transformer, attention_mask
-from .optim import apply_config_to_schedule, build_optimizer, build_scheduler
+from .optim import apply_config_to_schedule, build_optimizer, build_scheduler, wsd_decay_start
 from .rundir import check_resume, check_resume_shape, check_steps, claim_run_dir, write_run_dir
 from .stopping import Deadline, StopRequest, StopVote, parse_duration
 from .tracking import RunLog, SpikeWatch, check_trackers, peak_flops, read_log
@@ -83,6 +83,35 @@ def configure(argv: list[str]) -> tuple[TrainConfig, TokenData, str]:
     return cfg, data, why
 
 
+def wants_decay(run: Run, done: int) -> bool:
+    """--time_limit with a WSD schedule whose decay has not begun: whether the time left is down to
+    decay_fraction of the run's, when the decay must start for the run to end decayed."""
+    cfg = run.cfg
+    return (cfg.lr_schedule == "wsd" and run.decay_from is None and done < wsd_decay_start(cfg)
+            and run.deadline.decay_due(cfg.decay_fraction, run.state.get("elapsed_s", 0.0)))
+
+
+def start_decay(run: Run, done: int) -> None:
+    """Begin the WSD decay now and end it (max_steps) where the slowest recent step says the time
+    left runs out, with a tenth of it to spare; config.json and later checkpoints carry the new
+    max_steps and decay_start, so a resume continues the same decay."""
+    cfg, deadline = run.cfg, run.deadline
+    if run.decay_from is not None or done >= wsd_decay_start(cfg):
+        return
+    left = deadline.left()
+    steps = max(1, int(0.9 * left / max(max(deadline.steps, default=1.0), 1e-6)))
+    run.decay_from = done
+    if done + steps >= cfg.max_steps:
+        return  # the schedule as given ends before the limit
+    cfg.max_steps, cfg.decay_start = done + steps, done
+    run.bar.total = cfg.max_steps
+    run.log.write({"event": "decay", "step": done, "max_steps": cfg.max_steps, "why": "time_limit"})
+    if run.accelerator.is_main_process:
+        save_json(cfg.to_dict() | data_mixture(run.data), run.dir / "config.json")
+        run.bar.write(f"time limit: the WSD decay starts at step {done} and ends at step {cfg.max_steps}, "
+                      f"about {left:.0f} s from now, before the limit")
+
+
 def data_mixture(data: TokenData) -> dict[str, Any]:
     """For config.json: the weights a mixture is drawn with, normalised to sum to 1."""
     return {"data_mixture": {path: w for path, w in data.sources}} if len(data.sources) > 1 else {}
@@ -126,12 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         if done == 0 and cfg.eval_at_start:
             baseline(run)
         run.model.train()
-        for step in range(run.start_step, run.cfg.max_steps):
-            batch = get_batch(run, step)
-            result = optimizer_step(run, batch, step)
-            done = step + 1
+        while done < run.cfg.max_steps:  # a time-limited WSD run may bring max_steps forward
+            batch = get_batch(run, done)
+            result = optimizer_step(run, batch, done)
+            done += 1
             run.deadline.step_done()
-            stopping = run.vote(stop.requested or run.deadline.due())
+            stopping, decaying = run.vote(stop.requested or run.deadline.due(), wants_decay(run, done))
+            if decaying:
+                start_decay(run, done)
             periodic_actions(run, result, done, stopping)
             if stopping:
                 why = ("by signal" if stop.requested else "before the time limit" if run.deadline.due()
@@ -161,6 +192,7 @@ class Run:
     t_last: float = field(default_factory=time.perf_counter)
     paused: float = 0.0  # seconds of eval, save and task scoring since the last logged step
     costs: dict[str, float] = field(default_factory=dict)  # the last measured seconds of each periodic action
+    decay_from: int | None = None  # the step a time-limited WSD decay was started at, in this process
 
     def __post_init__(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
@@ -170,7 +202,7 @@ class Run:
         self.flops_per_token = self.bare_model.flops_per_token(cfg.block_size)
         self.peak_flops = peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_flops)  # None: unknown
         self.eos = self.data.meta.get("eos_token_id") if cfg.document_masking else None  # documents end at EOS
-        self.vote = StopVote(accelerator.num_processes)
+        self.vote = StopVote(accelerator.num_processes, accelerator.device)
         self.tokens_seen = self.tokens_last = self.state.get("tokens_seen", 0)
         # The first optimizer step whose gradient norm was not finite, or (fp16) that made the gradient
         # scaler skip SKIP_LIMIT steps in a row (0: none), with its norm; kept on the device and read only
@@ -290,6 +322,10 @@ def open_log(run: Run, ckpt: Path | None, precision_why: str) -> None:
         accelerator.print("resuming with " + ", ".join(changed))
     if len(data.sources) > 1:
         accelerator.print(mixture_line(data))
+    if cfg.time_limit and cfg.lr_schedule == "cosine" and accelerator.is_main_process:
+        print(f"warning: --time_limit with the cosine schedule, which is sized for --max_steps {cfg.max_steps}: a run "
+              "the limit stops before that ends undecayed; --lr_schedule wsd starts its decay in time to end decayed",
+              file=sys.stderr, flush=True)
     if cfg.init_from and not ckpt and "lr" not in cfg.given:
         accelerator.print(f"note: --init_from with the from-scratch peak lr {cfg.lr:g}, which makes a trained model "
                           "forget first; README (Your model, your data) suggests --lr 1e-4 and a short warmup")

@@ -1,7 +1,7 @@
 """Counts, step by step, what makes a training process wait: reads of a tensor's value on the host
 (aten._local_scalar_dense, behind .item(), float(), int() and bool() of a tensor: on a GPU each one
 waits for every kernel queued so far) and collectives started from Python, on the training's process
-group or on another (StopVote's gloo group, which holds host memory only), and the backward passes whose
+group (StopVote's, once per step) or on another, and the backward passes whose
 gradients DDP's reducer all-reduced (in C++, seen through a comm hook: one per optimizer step when
 accumulate() reaches DDP's no_sync).
 

@@ -158,8 +158,9 @@ def test_tf32_only_for_fp32_on_cuda():
 def test_no_host_sync_in_steps_between_log_eval_and_save(tmp_path, data_dir, world, optimizer, compiled):
     """Between the steps that log, evaluate or save, a step reads no tensor value on the host and
     starts no collective on the training's group: on a GPU the host never waits for the device and
-    the next batch's read and copy overlap the step. The stop vote is one gloo all-reduce of host
-    memory per step, read a step later; a signal still stops every rank at the same step (test_launch).
+    the next batch's read and copy overlap the step. The stop vote is one asynchronous all-reduce of
+    two integers per step on the training's own group (none on another), read a step later; a signal
+    still stops every rank at the same step (test_launch).
     Under DDP, with or without --compile, of the 4 accumulated micro-batches only the last all-reduces."""
     out = tmp_path / "counts.json"
     args = ["--data", data_dir, "--out", tmp_path / "run", *TINY, "--max_steps", 7, "--log_interval", 7,
@@ -181,6 +182,6 @@ def test_no_host_sync_in_steps_between_log_eval_and_save(tmp_path, data_dir, wor
     for rank in range(world):
         counts = json.loads((tmp_path / f"counts.json.rank{rank}").read_text())
         quiet = {step: counts.get(str(step), [0, 0, 0, 0]) for step in range(2, 7)}  # 1 logs; 7 logs, evaluates, saves
-        assert quiet == {step: [0, 0, world - 1, world - 1] for step in range(2, 7)}, counts
+        assert quiet == {step: [0, world - 1, 0, world - 1] for step in range(2, 7)}, counts  # the vote: no other group
         assert counts["1"][3] == counts["7"][3] == world - 1, counts
         assert counts["1"][0] > 0 and counts["7"][0] > 0 and counts["7"][1] >= world - 1, counts  # the counter sees reads

@@ -3,6 +3,7 @@ time per --out (a lock naming the holder), rank 0 alone deciding where a run sta
 the trainer obeys itself, SLURM's port per job, and fp16 overflow seen as the gradient scaler sees it."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -159,6 +160,46 @@ def test_a_slow_step_or_a_slow_save_moves_the_stop_earlier(monkeypatch):
     deadline.saved(0.01)  # the stop's save was quick, and the slow step is long gone from the last 8:
     deadline.steps = [1.0]
     assert deadline.due()  # the decision stands (the stop message names it: the time limit)
+
+
+def test_a_time_limited_wsd_run_starts_its_decay_in_time_to_end_decayed(tmp_path, data_dir, monkeypatch, capsys):
+    """On an injected clock (1 s per step, a 200 s --time_limit, a 32 s stop margin): the decay starts
+    when the time left before the stop is down to decay_fraction (0.2) of the run's, at step 128, and
+    ends at 90% of the remaining 40 s of steps, step 163, before the stop (step 168): the run ends
+    complete and decayed, and config.json and the checkpoint carry the plan. With cosine, a warning."""
+    from accel_pretrain import stopping
+    from accel_pretrain import train as train_module
+
+    clock = Clock(1_000_000.0)
+    monkeypatch.setattr(stopping, "time", clock)
+    monkeypatch.delenv("SLURM_JOB_END_TIME", raising=False)
+    monkeypatch.setattr(train_module, "process_start", lambda: clock.now)
+    get_batch = train_module.get_batch
+
+    def one_second_steps(run, step):  # noqa: ANN001, ANN202
+        clock.now += 1.0
+        return get_batch(run, step)
+
+    monkeypatch.setattr(train_module, "get_batch", one_second_steps)
+    run = tmp_path / "run"
+    assert train("--data", data_dir, "--out", run, *TINY, "--max_steps", 10 ** 6, "--eval_interval", 10 ** 6,
+                 "--save_interval", 10 ** 6, "--log_interval", 1, "--lr_schedule", "wsd", "--time_limit", "200") == 0
+    out = capsys.readouterr()
+    assert "time limit: the WSD decay starts at step 128 and ends at step 163" in out.out and "stopped" not in out.out
+    log = read_log(run / "train_log.jsonl")
+    assert [r for r in log if r.get("event") == "decay"] == [{"event": "decay", "step": 128, "max_steps": 163,
+                                                              "why": "time_limit"}]
+    lrs = [r["lr"] for r in log if "lr" in r]
+    assert len(lrs) == 163 and lrs[2:129] == [3e-3] * 127  # warmup 2, then constant to step 128
+    assert all(a > b for a, b in zip(lrs[128:], lrs[129:])) and lrs[-1] == pytest.approx(3e-4 + 2.7e-3 / 35)
+    assert [r["step"] for r in log if r.get("event") == "end"] == [163]
+    config = json.loads((run / "config.json").read_text())
+    assert (config["max_steps"], config["decay_start"]) == (163, 128)
+    assert list_checkpoints(run)[-1].name == "step_0000163"
+
+    assert train("--data", data_dir, "--out", tmp_path / "cosine", *TINY, "--max_steps", 1, "--time_limit", "1h") == 0
+    assert ("warning: --time_limit with the cosine schedule, which is sized for --max_steps 1: a run the limit stops "
+            "before that ends undecayed") in capsys.readouterr().err
 
 
 def test_a_time_limited_job_saves_and_stops_before_its_end(tmp_path, data_dir, monkeypatch, capsys):
