@@ -26,8 +26,18 @@ def require_lm_eval() -> None:
 
 def load_tasks(names: list[str], tasks_dir: str | None) -> tuple[Any, dict[str, Any]]:
     """lm-eval's TaskManager and the named tasks (groups and tags expand), each refused in one line
-    when unknown (with the closest names) or when its data cannot be had offline."""
+    when unknown (with the closest names) or when its data cannot be had offline. Loaded once per
+    process: a run that scores every few hundred steps reads each task's data once."""
+    return _load_tasks(tuple(names), tasks_dir)
+
+
+@functools.cache
+def _load_tasks(names: tuple[str, ...], tasks_dir: str | None) -> tuple[Any, dict[str, Any]]:
     require_lm_eval()
+    import datasets
+
+    datasets.disable_progress_bars()  # the output a user reads is ours: no "Map:" or "Generating split" bars
+    names = list(names)
     if tasks_dir and not Path(tasks_dir).is_dir():
         raise UserError(f"--tasks_dir {tasks_dir} is not a directory")
     manager = task_manager(tasks_dir, defaults=False) if tasks_dir else None
@@ -79,12 +89,15 @@ def run_tasks(lm: Any, names: list[str], tasks_dir: str | None, limit: int | Non
     "n_samples": {...}}, elsewhere None."""
     import lm_eval.evaluator
 
-    import datasets
-
-    datasets.disable_progress_bars()
     manager, loaded = load_tasks(names, tasks_dir)
+    # the tasks and groups already built (their data read once); a tag's name is expanded again
+    built = [loaded["groups"].get(n) or loaded["tasks"].get(n) for n in names]
+    tasks = built if all(built) else names
+    # lm-eval records the git hash of the working directory by running git, whose "fatal: not a git
+    # repository" would reach our output; we do not report it
+    lm_eval.evaluator.get_git_commit_hash = lambda: None
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet) if lm.rank else contextlib.nullcontext():
-        out = lm_eval.evaluator.simple_evaluate(model=lm, tasks=names, num_fewshot=num_fewshot, limit=limit,
+        out = lm_eval.evaluator.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                                 task_manager=manager, bootstrap_iters=1000, log_samples=False,
                                                 verbosity="ERROR", random_seed=None, numpy_random_seed=None,
                                                 torch_random_seed=None)  # leave the run's RNG alone (greedy: no use)

@@ -173,7 +173,7 @@ def evaluate_tasks(args: argparse.Namespace) -> int:
     from .task_lm import TaskLM  # lm-eval is there: load_tasks checked
 
     lm = TaskLM(model.to(device).eval(), AutoTokenizer.from_pretrained(tokenizer), args.batch_size, device,
-                autocast=autocast)
+                autocast=autocast, progress=True)
     scores = run_tasks(lm, names, args.tasks_dir, args.limit, args.num_fewshot)
     scores["config"] = {"model": args.model, "tasks": names, "limit": args.limit, "num_fewshot": args.num_fewshot,
                         "precision": precision}

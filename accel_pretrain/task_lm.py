@@ -25,11 +25,12 @@ class TaskLM(TemplateLM):
     `autocast` gives the context its forwards run in: the run's precision."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, batch_size: int, device: torch.device, rank: int = 0,
-                 world: int = 1, autocast: Callable[[], Any] = contextlib.nullcontext) -> None:
+                 world: int = 1, autocast: Callable[[], Any] = contextlib.nullcontext, progress: bool = False) -> None:
         super().__init__()
         self.model, self.tokenizer, self.batch_size, self._device = model, tokenizer, batch_size, device
         self._rank, self._world_size = rank, world
         self.autocast = autocast
+        self.progress = progress and rank == 0  # a bar over the requests, as lm-eval's own models show
         self.max_length = model.config.max_position_embeddings
 
     @property
@@ -67,6 +68,7 @@ class TaskLM(TemplateLM):
                               ) -> list[tuple[float, bool]]:
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
+        bar = self.bar(len(requests), "loglikelihood requests", disable_tqdm)
         for b in range(0, len(order), self.batch_size):
             chosen = order[b:b + self.batch_size]
             inputs = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in chosen]
@@ -77,7 +79,14 @@ class TaskLM(TemplateLM):
                 target = torch.tensor(cont, device=self.device)
                 greedy = bool((scored.argmax(-1) == target).all())
                 results[i] = (float(scored.gather(1, target[:, None]).sum()), greedy)
+            bar.update(len(chosen))
+        bar.close()
         return results
+
+    def bar(self, total: int, what: str, disable: bool = False) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"scoring {what}", disable=disable or not self.progress, dynamic_ncols=True)
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         windows, counts = [], []
@@ -105,6 +114,7 @@ class TaskLM(TemplateLM):
 
         eos = self.tokenizer.decode(self.eot_token_id)
         out = []
+        bar = self.bar(len(requests), "generation requests", disable_tqdm)
         for context, gen_kwargs in (r.args for r in requests):
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), 256)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
@@ -116,6 +126,8 @@ class TaskLM(TemplateLM):
                                eos_token_id=self.eot_token_id)[0]
             out.append(postprocess_generated_text(self.tokenizer.decode(new, skip_special_tokens=True), until,
                                                   None))
+            bar.update()
+        bar.close()
         return out
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:

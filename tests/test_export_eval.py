@@ -126,25 +126,36 @@ def test_fsdp_full_state_dict_checkpoint_exports(tmp_path, trained_run, capsys):
     assert torch.equal(hf.model.embed_tokens.weight, state["embed_tokens.weight"])
 
 
-def test_evaluate_in_the_runs_bf16_reproduces_its_log_exactly(tmp_path, data_dir, capsys):
+def test_evaluate_in_the_runs_bf16_reproduces_its_log_exactly(tmp_path, data_dir, capfd, monkeypatch):
     """A run trained and evaluated under bf16 autocast: evaluate's default is the run's precision and
-    batch, so its validation loss and task scores are the logged ones, bit for bit; fp32 differs."""
+    batch, so its validation loss and task scores are the logged ones, bit for bit; fp32 differs. The
+    run scored its tasks twice from one load of their data; evaluate shows a bar over the requests, and
+    nothing of lm-eval's own output (its "fatal: not a git repository" outside a repository)."""
+    from lm_eval.tasks.manager import TaskManager
+
     from accel_pretrain import evaluate
+    from accel_pretrain.downstream import _load_tasks
     from accel_pretrain.tracking import read_log
     from tests.helpers import TASKS_DIR, TINY, train
 
+    loads = []
+    load_spec = TaskManager._load_spec
+    monkeypatch.setattr(TaskManager, "_load_spec", lambda self, spec: loads.append(spec) or load_spec(self, spec))
+    _load_tasks.cache_clear()
     run, tasks = tmp_path / "run", "hellaswag_local,text_local"
     assert train("--data", data_dir, "--out", run, *TINY, "--mixed_precision", "bf16", "--max_steps", 2,
-                 "--eval_interval", 2, "--save_interval", 2, "--eval_tasks", tasks, "--eval_tasks_interval", 2,
+                 "--eval_interval", 2, "--save_interval", 2, "--eval_tasks", tasks, "--eval_tasks_interval", 1,
                  "--eval_tasks_limit", 6, "--eval_tasks_dir", TASKS_DIR) == 0
+    assert sorted(loads) == ["hellaswag_local", "text_local"]  # scored at steps 1 and 2
     log = read_log(run / "train_log.jsonl")
     logged = next(r for r in log if "val_loss" in r)
-    scored = next(r for r in log if "tasks/text_local/word_perplexity" in r)
-    capsys.readouterr()
+    scored = [r for r in log if "tasks/text_local/word_perplexity" in r]
+    assert [r["step"] for r in scored] == [1, 2]
+    capfd.readouterr()
 
     def evaluated(*args: str) -> tuple[dict, str]:
         assert run_cli(evaluate.main, [str(run), *args]) == 0
-        captured = capsys.readouterr()
+        captured = capfd.readouterr()
         return json.loads(captured.out.strip().splitlines()[-1]), captured.err
 
     same, err = evaluated("--data", str(data_dir), "--max_windows", "8")  # eval_iters x micro_batch_size
@@ -155,10 +166,14 @@ def test_evaluate_in_the_runs_bf16_reproduces_its_log_exactly(tmp_path, data_dir
     assert fp32["loss"] == pytest.approx(logged["val_loss"], rel=1e-2)
 
     out = tmp_path / "tasks.json"
+    monkeypatch.chdir(tmp_path)  # not a git repository
+    _load_tasks.cache_clear()
     assert run_cli(evaluate.main, [str(run), "--tasks", tasks, "--tasks_dir", str(TASKS_DIR), "--limit", "6",
                                    "--output", str(out)]) == 0
+    err = capfd.readouterr().err
+    assert "scoring loglikelihood requests" in err and "fatal" not in err and "Map" not in err, err
     results = json.loads(out.read_text())["results"]
-    assert results["text_local"]["word_perplexity,none"] == scored["tasks/text_local/word_perplexity"]
-    assert results["hellaswag_local"]["acc,none"] == scored["tasks/hellaswag_local/acc"]
+    assert results["text_local"]["word_perplexity,none"] == scored[-1]["tasks/text_local/word_perplexity"]
+    assert results["hellaswag_local"]["acc,none"] == scored[-1]["tasks/hellaswag_local/acc"]
     assert run_cli(evaluate.main, [str(run), "--tasks", tasks, "--data", str(data_dir)]) == 2
-    assert capsys.readouterr().err.strip().endswith("--data the validation loss: run them as two commands")
+    assert capfd.readouterr().err.strip().endswith("--data the validation loss: run them as two commands")
