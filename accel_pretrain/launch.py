@@ -20,7 +20,7 @@ from .tracking import trackers_for
 def start_accelerator(cfg: TrainConfig):  # noqa: ANN201 (accelerate is imported here, not at module load)
     check_launch(cfg)
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import GradientAccumulationPlugin, set_seed
 
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
@@ -29,7 +29,10 @@ def start_accelerator(cfg: TrainConfig):  # noqa: ANN201 (accelerate is imported
     accelerator = Accelerator(
         cpu=on_cpu,
         mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        # Under FSDP2 every micro-batch reduce-scatters (torchtitan does the same): FSDP2's no_sync would
+        # keep each rank's whole unsharded gradient (fp32: 4 bytes per parameter) between micro-batches.
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=cfg.gradient_accumulation_steps,
+                                                                sync_each_batch=using_fsdp()),
         log_with=trackers_for(cfg.report_to) or None,
         project_dir=cfg.out,
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the world size
@@ -40,13 +43,18 @@ def start_accelerator(cfg: TrainConfig):  # noqa: ANN201 (accelerate is imported
     return accelerator
 
 
+def using_fsdp() -> bool:
+    """Whether the launch config asks for FSDP (Accelerate reads the same variable)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
 def check_launch(cfg: TrainConfig) -> None:
     """Refuse, in one line and before anything starts, the launch configs this package cannot run right."""
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise UserError("DeepSpeed is not supported; use accelerate_configs/fsdp.yaml (FSDP2 shards weights, gradients "
                         "and optimizer state like ZeRO-3; fsdp_reshard_after_forward: false keeps the weights "
                         "gathered like ZeRO-2)")
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+    if not using_fsdp():
         return
     if os.environ.get("FSDP_VERSION", "1") != "2":
         raise UserError("the launch config asks for FSDP1, which flattens the weights (Muon cannot step them, and "
@@ -67,7 +75,7 @@ def fsdp_plugin(precision: str):  # noqa: ANN201
     """Under an FSDP launch config: FSDP2 as the config sets it (Accelerate reads its FSDP_* variables),
     in bf16 with bf16 weights for compute and gradients reduced in fp32, as torchtitan does.
     Accelerate's own bf16 policy would also reduce in bf16 and hand back the loss in bf16."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+    if not using_fsdp():
         return None
     from accelerate import FullyShardedDataParallelPlugin
     from torch.distributed.fsdp import MixedPrecisionPolicy

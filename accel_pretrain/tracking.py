@@ -16,10 +16,16 @@ from .errors import UserError
 
 # Dense peak FLOP/s per device, (bf16/fp16, tf32/fp32), from the vendors' data sheets. fp32 runs
 # on CUDA use TF32 tensor cores (launch.start_accelerator), so the second figure is TF32's.
+# The first name whose words appear in the device's name wins: variants come before their family.
 PEAK_FLOPS: dict[str, tuple[float, float]] = {
+    "B200": (2250e12, 1100e12),
     "H200": (989e12, 494e12),
+    "GH200": (989e12, 494e12),
+    "H100 NVL": (835e12, 418e12),
     "H100 PCIe": (756e12, 378e12),
     "H100": (989e12, 494e12),
+    "H800 PCIe": (756e12, 378e12),
+    "H800": (989e12, 494e12),
     "A100": (312e12, 156e12),
     "L40S": (362e12, 183e12),
     "L40": (181e12, 90.5e12),

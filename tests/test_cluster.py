@@ -138,6 +138,17 @@ def test_mfu_is_logged_against_peak_flops(tmp_path, data_dir):
     assert json.loads((run / "config.json").read_text())["peak_flops"] == 1e12
 
 
+@pytest.mark.parametrize("name,bf16", [("NVIDIA H100 NVL", 835e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                                      ("NVIDIA H100 PCIe", 756e12), ("NVIDIA GH200 480GB", 989e12),
+                                      ("NVIDIA H800", 989e12), ("NVIDIA B200", 2250e12), ("NVIDIA L40", 181e12),
+                                      ("NVIDIA L4", 121e12), ("Tesla T4", 65e12)])
+def test_peak_flops_by_device_name(monkeypatch, name, bf16):
+    from accel_pretrain.tracking import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda"), "bf16", None) == bf16
+
+
 def test_tf32_only_for_fp32_on_cuda():
     from accel_pretrain.launch import allow_tf32
 

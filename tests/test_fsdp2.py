@@ -28,10 +28,10 @@ def cpu_fsdp_config(tmp_path) -> str:
     return str(path)
 
 
-def run(config: str, module: str, *args) -> list[dict]:
+def run(config: str, module: str, *args, env: dict[str, str] | None = None) -> list[dict]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port",
            str(free_port()), "-m", module, *map(str, args)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV | (env or {}), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = args[args.index("--out") + 1]
     return read_log(out / "train_log.jsonl")
@@ -42,14 +42,22 @@ def losses(log: list[dict]) -> list[float]:
 
 
 def test_fsdp2_adamw_trains_resumes_and_exports_as_the_unsharded_run(tmp_path, data_dir, ddp_run):
-    """Against conftest's ddp_run (the same flags under cpu_ddp.yaml): saved at step 2 (in the warmup,
-    whose lr does not depend on max_steps), resumed to ddp_run's 6 with tasks scored after the save."""
-    args = ["--data", data_dir, *TINY, "--eval_interval", 100, "--save_interval", 2]
+    """Against conftest's ddp_run (the same windows under cpu_ddp.yaml: its 4 per step here as 4
+    micro-batches of 1): saved at step 2 (in the warmup, whose lr does not depend on max_steps),
+    resumed to ddp_run's 6 with tasks scored after the save. Between micro-batches a rank holds its
+    shard of the gradient only: every micro-batch reduce-scatters (sync_each_batch)."""
+    args = ["--data", data_dir, *TINY, "--eval_interval", 100, "--save_interval", 2, "--micro_batch_size", 1,
+            "--gradient_accumulation_steps", 4]
     ddp = read_log(ddp_run / "train_log.jsonl")
     fsdp = tmp_path / "fsdp"
     config = cpu_fsdp_config(tmp_path)
-    first = run(config, "tests.fsdp_on_cpu", *args, "--out", fsdp, "--max_steps", 2)
+    held = tmp_path / "gradient_bytes"
+    first = run(config, "tests.fsdp_on_cpu", *args, "--out", fsdp, "--max_steps", 2, env={"GRADIENT_BYTES": str(held)})
     assert first[0]["parameters"] == ddp[0]["parameters"]  # global sizes, not a rank's shard
+    whole = 4 * first[0]["parameters"]  # fp32 bytes of the whole gradient
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"gradient_bytes.rank{rank}").read_text())
+        assert len(seen) == 8 and all(whole * 0.45 < b < whole * 0.55 for b in seen), (seen, whole)
     tasks = ROOT / "tests" / "tasks"
     log = run(config, "tests.fsdp_on_cpu", "--out", fsdp, "--resume", "--max_steps", 6, "--eval_tasks",
               "hellaswag_local,text_local", "--eval_tasks_interval", 6, "--eval_tasks_limit", 6, "--eval_tasks_dir", tasks)
