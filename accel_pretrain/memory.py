@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_flatten
 
 from .config import ModelConfig, TrainConfig
 from .errors import UserError
-from .model import Transformer
+from .model import Transformer, capability, repeats_kv, runs_flex
 
 GIB = 1 << 30
 
@@ -80,13 +80,15 @@ class PeakBytes(TorchDispatchMode):
 
 
 def step_memory(train: TrainConfig, precision: str, shards: int = 1, bucket_copy: bool = False,
-                flex: bool = False) -> StepMemory:
+                flex: bool = False, repeat_kv: bool = False) -> StepMemory:
     """The peak of two optimizer steps of `train` (its model, optimizer, micro-batch, accumulation,
     document masking and activation checkpointing) under `precision`, on fake tensors. With
     `shards` > 1 (FSDP) weights, gradients and optimizer state are divided among the
     processes; `bucket_copy` adds DDP's gradient buckets (a second copy of the gradients). `flex`:
     document masking runs in flex_attention (CUDA), which saves what causal attention saves (q, k,
-    v, output and log-sum-exp) and keeps no mask per layer, so it is counted as causal attention."""
+    v, output and log-sum-exp) and keeps no mask per layer, so it is counted as causal attention.
+    `repeat_kv`: grouped-query attention repeats k and v for the card's kernel (model.repeats_kv), and
+    the repeated copies are what its backward keeps."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from .model import document_mask
@@ -96,6 +98,8 @@ def step_memory(train: TrainConfig, precision: str, shards: int = 1, bucket_copy
     with FakeTensorMode(), torch.device("cpu"), PeakBytes() as counter:
         model = Transformer(train.model)
         model.checkpoint_blocks = train.activation_checkpointing
+        for layer in model.layers:
+            layer.self_attn.repeat_kv = repeat_kv
         optimizer = build_optimizer(model, train, fused=False)
         ids = torch.zeros(train.micro_batch_size, train.block_size + 1, dtype=torch.long)
         x, y = ids[:, :-1], ids[:, 1:]
@@ -191,8 +195,12 @@ def memory_verdict(cfg: TrainConfig, model: Transformer, accelerator) -> str | N
     if generous_bound(cfg.model, mb, T, cfg.document_masking) * margin <= free + resident:
         return None
     kind, world = accelerator.distributed_type.name, accelerator.num_processes
+    flex = runs_flex(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    repeat = repeats_kv(device.type, capability(device) if device.type == "cuda" else None, dtype,
+                        cfg.model.num_key_value_heads != cfg.model.num_attention_heads, cfg.document_masking and not flex)
     need = step_memory(cfg, accelerator.mixed_precision, shards=world if kind == "FSDP" else 1,
-                       bucket_copy=kind == "MULTI_GPU" and world > 1, flex=device.type == "cuda")
+                       bucket_copy=kind == "MULTI_GPU" and world > 1, flex=flex, repeat_kv=repeat)
     room = (free + resident) / margin  # what the counted tensors may take
     if need.total <= room:
         return None

@@ -188,7 +188,26 @@ def attention_mask(input_ids: torch.Tensor, eos_token_id: int | None) -> torch.T
 
 
 def runs_flex(device: torch.device) -> bool:
-    return device.type == "cuda"
+    """flex_attention runs document masking on CUDA from Ampere (sm80) on; on a V100 or T4 it fails in
+    fp16 and is about 10x slower, so those take SDPA with the boolean mask."""
+    return device.type == "cuda" and capability(device) >= (8, 0)
+
+
+@functools.cache
+def capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def repeats_kv(device_type: str, cap: tuple[int, int] | None, dtype: torch.dtype, gqa: bool, masked: bool) -> bool:
+    """Whether grouped-query attention must repeat its keys and values before SDPA on this card: SDPA
+    takes GQA (enable_gqa) only in its flash kernel (CUDA sm80+, fp16/bf16, no mask) and its math
+    kernel, which keeps a B x H x T x T tensor per layer. In fp32, on pre-Ampere cards, or with a
+    boolean mask, repeating k and v lets the memory-efficient kernel run instead. On a CPU SDPA's own
+    kernel takes GQA as it is."""
+    if device_type != "cuda" or not gqa:
+        return False
+    flash = cap is not None and cap >= (8, 0) and dtype in (torch.float16, torch.bfloat16) and not masked
+    return not flash
 
 
 @functools.cache
@@ -246,6 +265,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.repeat_kv: bool | None = None  # None: as repeats_kv decides for the device (memory.py sets it)
         if cfg.qk_norm:  # per-head RMSNorm of queries and keys, before RoPE (Qwen3)
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
@@ -268,12 +288,16 @@ class Attention(nn.Module):
             causal = T > 1 and pos == 0
             if T > 1 and pos > 0:  # a chunk after earlier tokens: query i sees keys up to pos + i
                 mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(pos)
+        gqa = self.n_kv != self.n_heads
         if isinstance(mask, BlockMask):  # q, k in v's dtype (QK-norm gives fp32 under autocast): pytorch#176025
-            y = compiled(flex_attention)(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask,
-                                         enable_gqa=self.n_kv != self.n_heads)
+            y = compiled(flex_attention)(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               enable_gqa=self.n_kv != self.n_heads)
+            if self.repeat_kv if self.repeat_kv is not None else repeats_kv(
+                    x.device.type, capability(x.device) if x.device.type == "cuda" else None, v.dtype, gqa,
+                    mask is not None):
+                k, v = (t.repeat_interleave(self.n_heads // self.n_kv, dim=1) for t in (k, v))
+                gqa = False
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 

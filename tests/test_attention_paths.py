@@ -86,4 +86,49 @@ def test_flex_forward_equals_masked_sdpa_and_the_path_follows_the_device(monkeyp
     tolerance = 1e-5 if precision == "fp32" else 2e-2
     torch.testing.assert_close(flex, sdpa, rtol=tolerance, atol=tolerance)
     monkeypatch.undo()
-    assert model_module.runs_flex(torch.device("cuda")) and not model_module.runs_flex(torch.device("cpu"))
+    assert not model_module.runs_flex(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("cap,dtype,gqa,masked,flex,repeat", [
+    ((9, 0), torch.bfloat16, True, False, True, False),  # H100 bf16: flash takes GQA
+    ((8, 0), torch.float16, True, False, True, False),   # A100 fp16: the same
+    ((8, 0), torch.float32, True, False, True, True),    # fp32 (single_gpu.yaml): no flash, no GQA in mem-efficient
+    ((8, 6), torch.bfloat16, True, True, True, True),    # a boolean mask rules flash out (flex: only if not flex)
+    ((7, 5), torch.float16, True, False, False, True),   # T4: no flash, no flex
+    ((7, 0), torch.float16, True, True, False, True),    # V100 with document masking: SDPA's mask, repeated k/v
+    ((7, 0), torch.float16, False, True, False, False),  # no GQA: nothing to repeat
+    (None, torch.bfloat16, True, False, False, False),   # a CPU: SDPA's own kernel takes GQA
+])
+def test_the_attention_path_exists_on_the_card(monkeypatch, cap, dtype, gqa, masked, flex, repeat):
+    """flex_attention for document masking from sm80 on; GQA's keys and values repeated wherever SDPA
+    would otherwise fall back to its math kernel (a B x H x T x T tensor per layer)."""
+    device = torch.device("cuda" if cap else "cpu")
+    monkeypatch.setattr(model_module, "capability", lambda d: cap)
+    assert model_module.runs_flex(device) == flex
+    assert model_module.repeats_kv(device.type, cap, dtype, gqa, masked) == repeat
+
+
+def test_repeated_keys_and_values_give_the_same_attention_and_cost_their_memory():
+    from accel_pretrain.config import TrainConfig
+    from accel_pretrain.memory import step_memory
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2)
+    model = Transformer(cfg)
+    ids = torch.randint(0, 64, (2, 40))
+    outputs = []
+    for repeat in (False, True):
+        for layer in model.layers:
+            layer.self_attn.repeat_kv = repeat
+        logits, loss = model(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        outputs.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+        model.zero_grad()
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(outputs[0][1], outputs[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    train = TrainConfig(micro_batch_size=4, block_size=64, model=cfg)
+    plain, repeated = (step_memory(train, "no", repeat_kv=r).activations for r in (False, True))
+    # each layer's backward keeps k and v for 8 heads instead of 2: 2 x 6 heads x (B 4 x T 64 x head_dim 8) floats more
+    assert repeated - plain == cfg.num_hidden_layers * 2 * 6 * 4 * 64 * 8 * 4, (plain, repeated)
