@@ -115,7 +115,7 @@ def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 def model_from_checkpoint(ckpt: Path) -> Transformer:
     """Our model with a checkpoint's weights; tied embeddings are restored from the saved copy."""
     cfg: ModelConfig = model_config_from_dict(read_state(ckpt)["model_config"])
-    model = Transformer(cfg)
+    model = Transformer.to_load(cfg)
     state = load_weights(ckpt)
     if cfg.tie_word_embeddings:
         state.setdefault("lm_head.weight", state.get("embed_tokens.weight"))

@@ -156,7 +156,7 @@ def from_hf_pretrained(name_or_path: str) -> Transformer:
     cfg = from_hf_config(load_hf_config(name_or_path))
     quiet_transformers()
     hf = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
-    model = Transformer(cfg)
+    model = Transformer.to_load(cfg)
     state = from_hf_state_dict(hf.state_dict(), cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

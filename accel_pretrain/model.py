@@ -343,6 +343,17 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.reset_parameters()
 
+    @classmethod
+    def to_load(cls, cfg: ModelConfig) -> "Transformer":
+        """A model whose weights are loaded next: built on the meta device, so nothing is initialised
+        (for a 135M model the initialisation takes longer than loading), then given CPU memory."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device="cpu")
+        if cfg.tie_word_embeddings:  # to_empty gives each a tensor of its own
+            model.lm_head.weight = model.embed_tokens.weight
+        return model
+
     def reset_parameters(self) -> None:
         """Normal(0, std) everywhere; the two projections that write into the residual stream get
         std / sqrt(2 * layers) so the stream's variance does not grow with depth (GPT-2, nanoGPT)."""

@@ -66,20 +66,31 @@ class TaskLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any
                               ) -> list[tuple[float, bool]]:
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
+        """Requests whose inputs are the same tokens (a context with one-token continuations: each
+        choice's last token is the one scored) share one forward, as lm-eval's HF model's logits cache
+        does; longest first, in batches. Under several processes every rank runs as many forwards
+        as the rank with the most (FSDP's shards need all ranks in every forward)."""
+        inputs = [tuple((r[1] + r[2])[-(self.max_length + 1):][:-1]) for r in requests]
+        unique = sorted(set(inputs), key=lambda t: (-len(t), t))
+        batches = [unique[b:b + self.batch_size] for b in range(0, len(unique), self.batch_size)]
+        if self.world_size > 1:
+            most = int(self.all_gather(torch.tensor(len(batches), device=self.device)).max())
+            batches += [[unique[0] if unique else (self.prefix_token_id,)]] * (most - len(batches))
+        wanted: dict[tuple[int, ...], list[int]] = {}
+        for i, inp in enumerate(inputs):
+            wanted.setdefault(inp, []).append(i)
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = self.bar(len(requests), "loglikelihood requests", disable_tqdm)
-        for b in range(0, len(order), self.batch_size):
-            chosen = order[b:b + self.batch_size]
-            inputs = [(requests[i][1] + requests[i][2])[-(self.max_length + 1):][:-1] for i in chosen]
-            logprobs = self.logprobs(inputs)
-            for i, inp, lp in zip(chosen, inputs, logprobs):
-                cont = requests[i][2]
-                scored = lp[len(inp) - len(cont):len(inp)]
-                target = torch.tensor(cont, device=self.device)
-                greedy = bool((scored.argmax(-1) == target).all())
-                results[i] = (float(scored.gather(1, target[:, None]).sum()), greedy)
-            bar.update(len(chosen))
+        for batch in batches:
+            logprobs = self.logprobs([list(t) for t in batch])
+            for inp, lp in zip(batch, logprobs):
+                for i in wanted.pop(inp, []):
+                    cont = requests[i][2]
+                    scored = lp[len(inp) - len(cont):len(inp)]
+                    target = torch.tensor(cont, device=self.device)
+                    greedy = bool((scored.argmax(-1) == target).all())
+                    results[i] = (float(scored.gather(1, target[:, None]).sum()), greedy)
+                    bar.update()
         bar.close()
         return results
 

@@ -142,3 +142,14 @@ def ddp_muon_run(tmp_path_factory, data_dir) -> Path:
     from tests.helpers import DDP_MUON_RUN
 
     return launched_once(tmp_path_factory, "ddp_muon", data_dir, DDP_MUON_RUN)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate's process-wide state back to none after each test: lm-eval's HFLM (the parity tests)
+    creates an Accelerator of its own, whose fp32 state would refuse a later in-process bf16 run."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
