@@ -42,12 +42,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(config: str, *args, extra: list[str] | None = None, env: dict[str, str] | None = None, **popen
-           ) -> subprocess.Popen:
-    """`accelerate launch --config_file accelerate_configs/CONFIG -m accel_pretrain.train ARGS`."""
+def launch(config: str, *args, extra: list[str] | None = None, env: dict[str, str] | None = None,
+           module: str = "accel_pretrain.train", **popen) -> subprocess.Popen:
+    """`accelerate launch --config_file accelerate_configs/CONFIG -m MODULE ARGS` (train, or a test's
+    runner of it)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "accelerate_configs" / config), *(extra or []), "-m", "accel_pretrain.train",
-           *[str(a) for a in args]]
+           str(ROOT / "accelerate_configs" / config), *(extra or []), "-m", module, *[str(a) for a in args]]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import random
 import signal
 import subprocess
@@ -86,6 +87,28 @@ def test_sigterm_saves_current_step_and_resume_continues(tmp_path, data_dir):
     assert list_checkpoints(tmp_path / "run")[-1].name == f"step_{step + 3:07d}"
     steps = [r["step"] for r in read_log(tmp_path / "run/train_log.jsonl") if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == step + 3
+
+
+def test_sigterm_to_the_launcher_with_a_save_longer_than_its_30_s_ends_saved(tmp_path, data_dir):
+    """`accelerate launch` is torch's elastic agent: it forwards SIGTERM and kills the workers
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (30 by default). With the timeout train.sbatch sets
+    (the value it exports, read from the script), a save that takes 35 s still completes; the launcher
+    then exits 143 (128 + SIGTERM), as train.sbatch's comment says."""
+    sbatch = (ROOT / "slurm" / "train.sbatch").read_text()
+    timeout = re.search(r"TORCH_ELASTIC_SHUTDOWN_TIMEOUT=\$\{TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-(\d+)\}", sbatch)
+    assert timeout and 35 < int(timeout[1]) < 300, "train.sbatch sets a timeout below its TERM@300"
+    run = tmp_path / "run"
+    args = ["--data", data_dir, "--out", run, *TINY, "--max_steps", 3000, "--save_interval", 3000,
+            "--eval_interval", 3000]
+    proc = launch("cpu_ddp.yaml", *args, extra=["--main_process_port", str(free_port())], module="tests.slow_save",
+                  env={"SLOW_SAVE_S": "35", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": timeout[1]})
+    wait_for_step(run, 3, proc, timeout=180)
+    proc.send_signal(signal.SIGTERM)  # the launcher alone, as srun's signal to the job step reaches it
+    out, _ = proc.communicate(timeout=150)
+    assert proc.returncode == 143 and "stopped by signal" in out, out
+    saved = list_checkpoints(run)
+    assert len(saved) == 1, out
+    assert_checkpoints_complete(run)
 
 
 def test_killing_one_ddp_rank_ends_the_job(tmp_path, data_dir):
