@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ STEP_RE = re.compile(r"^step_(\d{7})$")
 STATE_FILE = "train_state.json"
 WEIGHTS_FILE = "model.safetensors"
 FSDP_WEIGHTS_FILE = "pytorch_model_fsdp.bin"
+FSDP_SHARDED_DIR = "pytorch_model_fsdp_0"  # Accelerate's SHARDED_STATE_DICT: torch.distributed.checkpoint
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 # Tied embeddings are saved once by design; accelerate warns about it at every save.
@@ -98,15 +100,23 @@ def save_checkpoint(accelerator, run: Path, step: int, state: dict[str, Any], ke
 
 
 def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The whole weights of a checkpoint: ours, FSDP's full state dict, or FSDP's shards (every rank's
+    part, read back whole in this one process by torch.distributed.checkpoint's own converter)."""
     from safetensors.torch import load_file
 
-    path, fsdp = ckpt / WEIGHTS_FILE, ckpt / FSDP_WEIGHTS_FILE
+    path, fsdp, sharded = ckpt / WEIGHTS_FILE, ckpt / FSDP_WEIGHTS_FILE, ckpt / FSDP_SHARDED_DIR
     if path.is_file():
         state = load_file(str(path))
     elif fsdp.is_file():  # FSDP with FULL_STATE_DICT saves a torch file; tensors only, no code
         state = torch.load(fsdp, map_location="cpu", weights_only=True)
+    elif (sharded / ".metadata").is_file():
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory(dir=ckpt.parent) as tmp:
+            dcp_to_torch_save(sharded, Path(tmp) / "whole.pt")
+            state = torch.load(Path(tmp) / "whole.pt", map_location="cpu", weights_only=True)["model"]
     else:
-        raise UserError(f"{ckpt} has no {WEIGHTS_FILE} (nor {FSDP_WEIGHTS_FILE})")
+        raise UserError(f"{ckpt} has no {WEIGHTS_FILE} (nor {FSDP_WEIGHTS_FILE}, nor {FSDP_SHARDED_DIR}/)")
     for prefix in WRAPPER_PREFIXES:
         state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
     return state

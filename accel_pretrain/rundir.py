@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import checkpoint_step, list_checkpoints, read_state, resolve_checkpoint
+from .checkpoint import FSDP_SHARDED_DIR, checkpoint_step, list_checkpoints, read_state, resolve_checkpoint
 from .config import TRAIN_FIELDS, TrainConfig, model_config_from_dict, save_json
 from .data import TokenData
 from .errors import UserError
@@ -245,6 +245,15 @@ def check_resume(ckpt: Path, state: dict[str, Any], cfg: TrainConfig, data: Toke
                         "resume with the same --data")
     if shape:
         check_resume_shape(ckpt, state, cfg)
+
+
+def check_resume_world(ckpt: Path, state: dict[str, Any], world: int) -> None:
+    """FSDP's sharded checkpoints resume on the number of processes that wrote them."""
+    saved = state.get("world_size")
+    if (ckpt / FSDP_SHARDED_DIR).is_dir() and saved != world:
+        raise UserError(f"cannot resume {ckpt} on {world} process{'es' if world > 1 else ''}: its FSDP shards were "
+                        f"written by {saved}; resume with {saved}, or start a new run from its weights with "
+                        f"--init_from {ckpt}")
 
 
 def check_resume_shape(ckpt: Path, state: dict[str, Any], cfg: TrainConfig) -> None:

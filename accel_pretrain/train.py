@@ -31,7 +31,7 @@ from .launch import leave, process_start, start_accelerator
 from .memory import check_memory, out_of_memory_as_user_error
 from .model import Transformer, attention_mask
 from .optim import apply_config_to_schedule, build_optimizer, build_scheduler, wsd_decay_start
-from .rundir import check_resume, check_resume_shape, check_steps, claim_run_dir, write_run_dir
+from .rundir import check_resume, check_resume_shape, check_resume_world, check_steps, claim_run_dir, write_run_dir
 from .stopping import Deadline, StopRequest, StopVote, parse_duration
 from .tracking import RunLog, SpikeWatch, check_trackers, peak_flops, read_log
 
@@ -246,6 +246,7 @@ def setup(cfg: TrainConfig, data: TokenData, precision_why: str, held: ExitStack
     ckpt, state = claim_run_dir(cfg, accelerator, held)
     if ckpt:
         check_resume(ckpt, state, cfg, data, shape=not cfg.init_from)  # an --init_from run's: once it is loaded
+        check_resume_world(ckpt, state, accelerator.num_processes)
         if not check_steps(cfg, ckpt, state):
             return None
         accelerator.print(f"resuming from {ckpt}: loading the model, optimizer and schedule")

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from accel_pretrain.checkpoint import list_checkpoints, model_from_checkpoint
+from accel_pretrain.checkpoint import list_checkpoints, load_weights, model_from_checkpoint
 from accel_pretrain.tracking import read_log
-from tests.helpers import DDP_MUON_RUN, ROOT, TINY, free_port
+from tests.helpers import DDP_MUON_RUN, ROOT, TINY, free_port, train
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -41,26 +42,41 @@ def losses(log: list[dict]) -> list[float]:
     return [r["loss"] for r in log if "loss" in r]
 
 
-def test_fsdp2_adamw_trains_resumes_and_exports_as_the_unsharded_run(tmp_path, data_dir, ddp_run):
+def test_fsdp2_adamw_trains_resumes_and_exports_as_the_unsharded_run(tmp_path, data_dir, ddp_run, capsys):
     """Against conftest's ddp_run (the same windows under cpu_ddp.yaml: its 4 per step here as 4
-    micro-batches of 1): saved at step 2 (in the warmup, whose lr does not depend on max_steps),
-    resumed to ddp_run's 6 with tasks scored after the save. Between micro-batches a rank holds its
-    shard of the gradient only: every micro-batch reduce-scatters (sync_each_batch)."""
-    args = ["--data", data_dir, *TINY, "--eval_interval", 100, "--save_interval", 2, "--micro_batch_size", 1,
-            "--gradient_accumulation_steps", 4]
-    ddp = read_log(ddp_run / "train_log.jsonl")
-    fsdp = tmp_path / "fsdp"
-    config = cpu_fsdp_config(tmp_path)
-    held = tmp_path / "gradient_bytes"
-    first = run(config, "tests.fsdp_on_cpu", *args, "--out", fsdp, "--max_steps", 2, env={"GRADIENT_BYTES": str(held)})
-    assert first[0]["parameters"] == ddp[0]["parameters"]  # global sizes, not a rank's shard
-    whole = 4 * first[0]["parameters"]  # fp32 bytes of the whole gradient
-    for rank in (0, 1):
-        seen = json.loads((tmp_path / f"gradient_bytes.rank{rank}").read_text())
-        assert len(seen) == 8 and all(whole * 0.45 < b < whole * 0.55 for b in seen), (seen, whole)
+    micro-batches of 1), with tasks scored at step 6 as evaluate scores the checkpoint. Checkpoints are
+    fsdp.yaml's sharded ones (every rank writes its part); a copy resumed from step 2 ends bit-identical
+    to the run that went on, a resume on another number of processes is refused, and export reads the
+    shards whole. Between micro-batches a rank holds its shard of the gradient only (sync_each_batch)."""
     tasks = ROOT / "tests" / "tasks"
-    log = run(config, "tests.fsdp_on_cpu", "--out", fsdp, "--resume", "--max_steps", 6, "--eval_tasks",
-              "hellaswag_local,text_local", "--eval_tasks_interval", 6, "--eval_tasks_limit", 6, "--eval_tasks_dir", tasks)
+    args = ["--data", data_dir, *TINY, "--eval_interval", 100, "--save_interval", 2, "--micro_batch_size", 1,
+            "--gradient_accumulation_steps", 4, "--max_steps", 6, "--keep_checkpoints", 5, "--eval_tasks",
+            "hellaswag_local,text_local", "--eval_tasks_interval", 6, "--eval_tasks_limit", 6, "--eval_tasks_dir", tasks]
+    ddp = read_log(ddp_run / "train_log.jsonl")
+    fsdp, resumed = tmp_path / "fsdp", tmp_path / "resumed"
+    config = cpu_fsdp_config(tmp_path)
+    log = run(config, "tests.fsdp_on_cpu", *args, "--out", fsdp, env={"GRADIENT_BYTES": str(tmp_path / "held")})
+    assert log[0]["parameters"] == ddp[0]["parameters"]  # global sizes, not a rank's shard
+    whole = 4 * log[0]["parameters"]  # fp32 bytes of the whole gradient
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"held.rank{rank}").read_text())
+        assert len(seen) == 24 and all(whole * 0.45 < b < whole * 0.55 for b in seen), (seen, whole)
+    assert losses(log) == pytest.approx(losses(ddp), rel=1e-5)
+    end, ddp_end = log[-1], [r for r in ddp if r.get("event") == "end"][0]
+    assert end["event"] == "end" and end["param_checksums"][0] == end["param_checksums"][1]
+    assert end["param_checksums"][0] == pytest.approx(ddp_end["param_checksums"][0], rel=1e-6)
+    ckpt = list_checkpoints(fsdp)[-1]
+    assert (ckpt / "pytorch_model_fsdp_0" / ".metadata").is_file() and not (ckpt / "pytorch_model_fsdp.bin").exists()
+
+    shutil.copytree(fsdp, resumed)
+    again = run(config, "tests.fsdp_on_cpu", "--out", resumed, "--resume", resumed / "checkpoints" / "step_0000002")
+    assert [r["step"] for r in again if r.get("event") == "resume"] == [2] and losses(again) == losses(log)
+    a, b = (load_weights(list_checkpoints(r)[-1]) for r in (fsdp, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    assert train("--out", resumed, "--resume", "--max_steps", 8) == 2  # one process, shards of two
+    assert capsys.readouterr().err.strip().endswith("its FSDP shards were written by 2; resume with 2, or start a new "
+                                                    f"run from its weights with --init_from {list_checkpoints(resumed)[-1]}")
     from accel_pretrain import evaluate
 
     assert evaluate.main([str(fsdp), "--tasks", "hellaswag_local,text_local", "--tasks_dir", str(tasks), "--limit", "6",
@@ -69,13 +85,6 @@ def test_fsdp2_adamw_trains_resumes_and_exports_as_the_unsharded_run(tmp_path, d
     scored = [r for r in log if "tasks/hellaswag_local/acc" in r]
     assert [r["step"] for r in scored] == [6] and scored[0]["tasks/hellaswag_local/acc"] == cli["hellaswag_local"]["acc,none"]
     assert scored[0]["tasks/text_local/word_perplexity"] == pytest.approx(cli["text_local"]["word_perplexity,none"], rel=1e-5)
-    assert [r["step"] for r in log if r.get("event") == "resume"] == [2]
-    assert losses(log) == pytest.approx(losses(ddp), rel=1e-5)
-    end, ddp_end = log[-1], [r for r in ddp if r.get("event") == "end"][0]
-    assert end["event"] == "end" and end["param_checksums"][0] == end["param_checksums"][1]
-    assert end["param_checksums"][0] == pytest.approx(ddp_end["param_checksums"][0], rel=1e-6)
-    ckpt = list_checkpoints(fsdp)[-1]
-    assert (ckpt / "pytorch_model_fsdp.bin").is_file()  # FULL_STATE_DICT: one complete set of weights
 
     from transformers import AutoModelForCausalLM
 
