@@ -56,39 +56,62 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: ANN001, ANN201 (torch's signature)
-        if any(hasattr(p, "full_tensor") for g in self.muon.param_groups for p in g["params"]):
-            self._gathered_muon_step()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self._shared_muon_step(dist.get_rank(), dist.get_world_size())
         else:
             self.muon.step()
         self.adamw.step()
 
-    def _gathered_muon_step(self) -> None:
-        """torch.optim.Muon's step for FSDP2's sharded matrices (DTensors). Newton-Schulz on the shards
-        would all-reduce its Gram matrices in bf16 (2-3% off the unsharded result for tall matrices)
-        and gather 15 times per matrix; instead each matrix's momentum-blended update is all-gathered
-        once in bf16 (Newton-Schulz casts to bf16 first, so nothing is lost; 2 bytes per entry),
-        orthogonalised whole on every rank by torch's own routine, and this rank's rows are applied:
-        the unsharded update, bit for bit. The momentum buffers stay sharded."""
+    def _shared_muon_step(self, rank: int, world: int) -> None:
+        """torch.optim.Muon's step, its Newton-Schulz iterations shared out among the processes: under
+        DDP every rank holds every matrix's update, and without this each would orthogonalise all of
+        them (world-fold the work). The matrices, largest first, go in rounds of `world`, one per rank;
+        each rank orthogonalises its own (torch's routine, in bf16, as Muon.step does) and one
+        all-gather per round gives every rank the round's results, which it applies as Muon.step
+        would: the same update, bit for bit. FSDP2's sharded matrices (DTensors) have their update
+        gathered whole for the owner (each rank then applies its rows); momentum stays local/sharded."""
+        import torch.distributed as dist
         from torch.distributed.tensor import DTensor, Replicate
-        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # the routine Muon.step uses
+        from torch.optim import _muon  # torch's own routines, looked up at each step
 
         for group in self.muon.param_groups:
             lr, momentum = float(group["lr"]), group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            updates = []
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                whole = _zeropower_via_newtonschulz(update.to(torch.bfloat16).full_tensor(), group["ns_coefficients"],
-                                                    group["ns_steps"], group["eps"])
-                mine = DTensor.from_local(whole, p.device_mesh, [Replicate()], run_check=False).redistribute(
-                    p.device_mesh, p.placements)  # a slice of what every rank holds: no communication
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(mine, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+                updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+            order = sorted(range(len(params)), key=lambda i: -params[i].numel())  # stable: ties keep their order
+            for start in range(0, len(order), world):
+                members = order[start:start + world]
+                mine = None
+                for k, i in enumerate(members):
+                    update = updates[i]
+                    if isinstance(update, DTensor):  # a collective: every rank takes part for every matrix
+                        update = update.to(torch.bfloat16).full_tensor()
+                    if k == rank:
+                        mine = _muon._zeropower_via_newtonschulz(update, group["ns_coefficients"], group["ns_steps"],
+                                                                 group["eps"])
+                size = max(params[i].numel() for i in members)
+                sent = torch.zeros(size, dtype=torch.bfloat16, device=params[members[0]].device)
+                if mine is not None:
+                    sent[:mine.numel()] = mine.reshape(-1)
+                parts = [torch.empty_like(sent) for _ in range(world)]
+                dist.all_gather(parts, sent)
+                for k, i in enumerate(members):
+                    p = params[i]
+                    whole = parts[k][:p.numel()].view(p.shape)
+                    if isinstance(p, DTensor):  # this rank's rows of what every rank now holds
+                        whole = DTensor.from_local(whole, p.device_mesh, [Replicate()], run_check=False).redistribute(
+                            p.device_mesh, p.placements)
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(whole, alpha=-_muon._adjust_lr(lr, group["adjust_lr_fn"], p.shape))
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

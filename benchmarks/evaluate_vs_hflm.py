@@ -7,12 +7,15 @@ folder, tasks, documents and batch, timed in one process: the baseline is HFLM.
 
 The model is a Llama of SmolLM2-135M's shape with random weights and the tokenizer's vocabulary
 (the time of a forward does not depend on the weights' values). Each side runs --repeats times,
-alternating; the best of each is compared, and the scores must agree."""
+alternating; the best of each is compared, and the scores must agree. With --cli each side is the
+command a user types, a process of its own (imports, task index and model loading included):
+`python -m accel_pretrain.evaluate FOLDER --tasks ...` against `python -m lm_eval --model hf ...`."""
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +68,15 @@ def theirs(folder: Path, names: list[str], tasks_dir: str, limit: int, batch: in
     return {t: {k: v for k, v in r.items() if k not in ("alias", "name", "sample_len")} for t, r in out["results"].items()}
 
 
+def commands(folder: Path, names: list[str], tasks_dir: str, limit: int, batch: int, out: Path) -> dict[str, list]:
+    ours = [sys.executable, "-m", "accel_pretrain.evaluate", str(folder), "--tasks", ",".join(names), "--tasks_dir",
+            tasks_dir, "--limit", str(limit), "--batch_size", str(batch), "--output", str(out / "ours.json")]
+    theirs = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={folder}", "--tasks",
+              ",".join(names), "--include_path", tasks_dir, "--limit", str(limit), "--batch_size", str(batch),
+              "--device", "cpu"]
+    return {"ours": ours, "hflm": theirs}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokenizer", required=True, help="a tokenizer folder or hub name")
@@ -74,6 +86,7 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=40, help="documents of each task")
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--cli", action="store_true", help="time the two commands as processes")
     args = p.parse_args()
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     names = args.tasks.split(",")
@@ -84,9 +97,20 @@ def main() -> None:
         for _ in range(args.repeats):
             for side, fn in (("ours", ours), ("hflm", theirs)):
                 t = time.perf_counter()
-                with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # progress bars
-                    scores[side] = fn(Path(tmp), names, args.tasks_dir, args.limit, args.batch_size)
+                if args.cli:
+                    cmd = commands(Path(tmp), names, args.tasks_dir, args.limit, args.batch_size, Path(tmp))[side]
+                    subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                else:
+                    with open(os.devnull, "w") as quiet, contextlib.redirect_stderr(quiet):  # progress bars
+                        scores[side] = fn(Path(tmp), names, args.tasks_dir, args.limit, args.batch_size)
                 times[side].append(time.perf_counter() - t)
+    if args.cli:
+        best = {side: min(t) for side, t in times.items()}
+        print(f"{args.shape} (random weights), {len(names)} tasks x {args.limit} documents, batch {args.batch_size}, "
+              f"fp32, {machine()}, torch {torch.__version__}; each command a process")
+        print(f"python -m accel_pretrain.evaluate: {best['ours']:.1f} s | lm_eval --model hf: {best['hflm']:.1f} s "
+              f"(best of {args.repeats} each) | ratio lm_eval / ours {best['hflm'] / best['ours']:.2f}")
+        return
     for task in names:
         a, b = scores["ours"][task].get("acc,none"), scores["hflm"][task].get("acc,none")
         if a != b:

@@ -10,11 +10,17 @@ falls as the tokens per optimizer step grow. Prints that share for 1 to 64 accum
 micro-batches, and the fewest that keep it within 5%. With --end_to_end G it also runs
 `accel_pretrain.train` itself with G accumulated micro-batches, AdamW and Muon in turn (--repeats
 of each, --steps timed steps per run), and prints the extra time per token a real run pays.
+With --worlds 1,2,4 it times Muon + AdamW's step on that many gloo processes holding the same
+(replicated, as under DDP) model: each orthogonalises its share of the matrices, and the step's
+time per process against one process's is what sharing the Newton-Schulz iterations saves. Each
+process computes on one thread, so the work per process compares across world sizes; with more
+processes than cores they also share the cores.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import sys
 import tempfile
@@ -48,7 +54,10 @@ def main() -> None:
     p.add_argument("--end_to_end", type=int, default=0, metavar="G",
                    help="also time whole training runs with G accumulated micro-batches per step")
     p.add_argument("--steps", type=int, default=3, help="timed steps per run of --end_to_end (after 2 warm-up steps)")
+    p.add_argument("--worlds", default="", help="e.g. 1,2,4: time the Muon step on that many gloo processes")
     args = p.parse_args()
+    if args.worlds:
+        return worlds(args)
     args.compile = False
     keep_freed_memory()  # as accel_pretrain.train does on a CPU
     cfg = model_config(args)
@@ -90,6 +99,50 @@ def main() -> None:
           else "more than 5% even at 64 micro-batches per step")
     if args.end_to_end:
         end_to_end(args, cfg)
+
+
+def world_step(rank: int, world: int, port: int, args: argparse.Namespace, out: list) -> None:
+    """One process of --worlds: the same model and gradients on every rank, Muon + AdamW steps timed."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # the same compute per process at every world size
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = Transformer(model_config(args))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    muon = build_optimizer(model, TrainConfig(optimizer="muon"), fused=False)
+    muon.step()  # warm-up: the state exists from here on
+    times = []
+    for _ in range(args.repeats):
+        dist.barrier()
+        times.append(timed(muon.step))
+    slowest = torch.tensor([statistics.median(times)])
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    if rank == 0:
+        out.append(float(slowest))
+    dist.destroy_process_group()
+
+
+def worlds(args: argparse.Namespace) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    args.compile = False
+    cfg = model_config(args)
+    print(f"machine: {machine()}; torch {torch.__version__}; model {cfg.num_hidden_layers} x {cfg.hidden_size}, "
+          f"vocab {args.vocab}; Muon + AdamW step, one thread per process, medians of {args.repeats}, the slowest "
+          f"process; {os.cpu_count()} cores")
+    base = None
+    for world in (int(w) for w in args.worlds.split(",")):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        out = mp.Manager().list()
+        mp.spawn(world_step, args=(world, port, args, out), nprocs=world, join=True)
+        base = base or out[0]
+        print(f"world {world}: {out[0] * 1e3:8.1f} ms per step ({base / out[0]:.2f}x world 1)")
 
 
 def end_to_end(args: argparse.Namespace, cfg: ModelConfig) -> None:

@@ -114,45 +114,65 @@ def test_fsdp2_muon_in_bf16_with_activation_checkpointing_follows_the_unsharded_
     assert end["param_checksums"][0] == pytest.approx(ddp[-1]["param_checksums"][0], rel=1e-3)
 
 
-def test_muon_on_shards_is_the_unsharded_update_bit_for_bit(tmp_path):
-    """Two gloo ranks: MuonAdamW on fully_shard'ed matrices (a tall, a wide, one with rows that do not
-    divide evenly) takes exactly the unsharded step, three steps running."""
+@pytest.mark.parametrize("world", [2, 3])
+def test_muon_shares_newton_schulz_out_and_takes_torchs_step_bit_for_bit(tmp_path, world):
+    """gloo ranks: MuonAdamW on replicated matrices (as under DDP) and on fully_shard'ed ones (a tall,
+    a wide, rows that do not divide evenly) takes exactly torch.optim.Muon's own step, three steps
+    running, while each rank runs Newton-Schulz on its share of the matrices only (4 matrices: 2 per
+    rank on 2 ranks, 2 or 1 on 3)."""
     script = tmp_path / "muon_shards.py"
     script.write_text('''
-import torch, torch.distributed as dist
+import math, torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
+from torch.optim import _muon
 from accel_pretrain.config import TrainConfig
 from accel_pretrain.optim import build_optimizer
 
 dist.init_process_group("gloo")
-torch.manual_seed(0)
+rank, world = dist.get_rank(), dist.get_world_size()
+calls = [0]
+newton_schulz = _muon._zeropower_via_newtonschulz
+def counted(*args):
+    calls[0] += 1
+    return newton_schulz(*args)
+_muon._zeropower_via_newtonschulz = counted
 def make():
     torch.manual_seed(0)
     m = torch.nn.Module()
     m.layers = torch.nn.ModuleList([torch.nn.Linear(24, 64, bias=False), torch.nn.Linear(64, 24, bias=False),
-                                    torch.nn.Linear(24, 33, bias=False)])
+                                    torch.nn.Linear(24, 33, bias=False), torch.nn.Linear(33, 24, bias=False)])
     return m
+def loss(m, x):
+    h = x
+    for layer in m.layers[:2]:
+        h = layer(h)
+    return h.square().mean() + m.layers[3](m.layers[2](x)).square().mean()
 cfg = TrainConfig(optimizer="muon", lr=0.02)
-plain, sharded = make(), make()
+reference, plain, sharded = make(), make(), make()
 for layer in sharded.layers:
     fully_shard(layer)
 fully_shard(sharded)
-opts = [build_optimizer(m, cfg, fused=False) for m in (plain, sharded)]
+opts = [build_optimizer(m, cfg, fused=False) for m in (reference, plain, sharded)]
+shared_calls = []
 for step in range(3):
-    g = torch.Generator().manual_seed(step)
-    x = torch.randn(8, 24, generator=g)
-    for m, opt in zip((plain, sharded), opts):
-        h = x
-        for layer in m.layers[:2]:
-            h = layer(h)
-        (h.square().mean() + m.layers[2](x).square().mean()).backward()
-        opt.step()
+    x = torch.randn(8, 24, generator=torch.Generator().manual_seed(step))
+    for m, opt in zip((reference, plain, sharded), opts):
+        loss(m, x).backward()
+        before = calls[0]
+        if m is reference:  # torch's own: every matrix orthogonalised here
+            opt.muon.step()
+            opt.adamw.step()
+        else:
+            opt.step()
+            shared_calls.append(calls[0] - before)
         opt.zero_grad()
-for a, b in zip(plain.parameters(), sharded.parameters()):
-    assert torch.equal(a, b.full_tensor()), (a - b.full_tensor()).abs().max()
-print("equal")
+for a, b, c in zip(reference.parameters(), plain.parameters(), sharded.parameters()):
+    assert torch.equal(a, b) and torch.equal(a, c.full_tensor()), (a - c.full_tensor()).abs().max()
+mine = len(range(rank, 4, world))
+assert shared_calls == [mine] * 6, (shared_calls, mine)
+print("equal", mine)
 ''')
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(script)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0 and proc.stdout.count("equal") == 2, proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                           "--master_port", str(free_port()), str(script)], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.count("equal") == world, proc.stdout + proc.stderr
