@@ -26,12 +26,25 @@ def _slurm_nodes(args: list, port: int) -> list[subprocess.Popen]:
     procs = []
     for node in (0, 1):
         env = {**os.environ, "SLURM_NODEID": str(node), "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[0-1]",
-               "MAIN_ADDR": "127.0.0.1", "MAIN_PORT": str(port), "GPUS_PER_NODE": "1",
+               "MAIN_ADDR": "127.0.0.1", "LOCAL_NODES": "1", "MAIN_PORT": str(port), "GPUS_PER_NODE": "1",
                "CONFIG": "accelerate_configs/cpu_ddp.yaml", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
         procs.append(subprocess.Popen(["bash", "slurm/launch_node.sh", *map(str, args)], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1", "localhost"])
+def test_several_nodes_never_meet_at_a_loopback_address(tmp_path, addr):
+    env = {**os.environ, "SLURM_NODEID": "1", "SLURM_NNODES": "2", "MAIN_ADDR": addr, "GPUS_PER_NODE": "1",
+           "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", "slurm/launch_node.sh", "--out", tmp_path / "run"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.strip() == (f"error: MAIN_ADDR {addr} resolves to 127.0.0.1, a loopback address that the other "
+                                   "1 node(s) cannot reach; set MAIN_ADDR to an address of the first node on the "
+                                   "network they share (hostname -I there)")
+    assert not (tmp_path / "run").exists()
 
 
 def test_slurm_script_on_two_local_nodes_trains_then_a_requeue_resumes(tmp_path, data_dir, ddp_run):
