@@ -20,7 +20,7 @@ from .tracking import trackers_for
 def start_accelerator(cfg: TrainConfig):  # noqa: ANN201 (accelerate is imported here, not at module load)
     check_launch(cfg)
     from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, set_seed
+    from accelerate.utils import GradientAccumulationPlugin, TorchDynamoPlugin, set_seed
 
     on_cpu = not torch.cuda.is_available()
     if on_cpu:
@@ -36,7 +36,11 @@ def start_accelerator(cfg: TrainConfig):  # noqa: ANN201 (accelerate is imported
         log_with=trackers_for(cfg.report_to) or None,
         project_dir=cfg.out,
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step, whatever the world size
-        dynamo_backend="inductor" if cfg.compile else None,
+        # Under FSDP2 each Block is compiled in place and then sharded (torchtitan's order, Accelerate's
+        # regional compilation): compiling the whole model first would break its graph at every
+        # block's FSDP hooks. Under DDP the whole model compiles as one graph.
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor", use_regional_compilation=using_fsdp()) if cfg.compile
+        else None,
         fsdp_plugin=fsdp_plugin(cfg.mixed_precision),
     )
     set_seed(cfg.seed)

@@ -7,7 +7,8 @@ FSDP from MULTI_GPU, never from MULTI_CPU), so on a CPU it would train plain DDP
 refuses FSDP there (launch.refuse_fsdp_on_cpu). This replaces that one refusal: the gloo group is set up
 as MULTI_CPU, and the state's decision then sees MULTI_GPU and becomes FSDP. Everything else is
 train's own code path. With GRADIENT_BYTES=PATH set, each rank records the gradient bytes it holds
-after every backward (PATH.rankN)."""
+after every backward (PATH.rankN); with COMPILE_BACKEND=aot_eager and GRAPHS=PATH, --compile goes
+through that backend and each rank writes dynamo's counts (PATH.rankN)."""
 from __future__ import annotations
 
 import json
@@ -57,9 +58,29 @@ def record_gradient_bytes(path: str) -> None:
     Accelerator.backward = counted
 
 
+def compile_through(backend: str) -> None:
+    """torch.compile through `backend` (aot_eager: dynamo and AOT autograd as under inductor, without
+    its C++ build)."""
+    compile_ = torch.compile
+    torch.compile = lambda model=None, **kwargs: compile_(model, **{**kwargs, "backend": backend})
+
+
+def write_graph_counts(path: str) -> None:
+    from torch._dynamo.utils import counters
+
+    with open(f"{path}.rank{os.environ.get('RANK', '0')}", "w") as f:
+        json.dump({"graph_breaks": sum(counters["graph_break"].values()),
+                   "graphs": counters["stats"]["unique_graphs"]}, f)
+
+
 launch.refuse_fsdp_on_cpu = promote_cpu_ranks_to_fsdp
 if os.environ.get("GRADIENT_BYTES"):
     record_gradient_bytes(os.environ["GRADIENT_BYTES"])
+if os.environ.get("COMPILE_BACKEND"):
+    compile_through(os.environ["COMPILE_BACKEND"])
 
 if __name__ == "__main__":
-    launch.leave(train.main(sys.argv[1:]))
+    code = train.main(sys.argv[1:])
+    if os.environ.get("GRAPHS"):
+        write_graph_counts(os.environ["GRAPHS"])
+    launch.leave(code)

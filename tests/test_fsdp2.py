@@ -68,6 +68,15 @@ def test_fsdp2_adamw_trains_resumes_and_exports_as_the_unsharded_run(tmp_path, d
     ckpt = list_checkpoints(fsdp)[-1]
     assert (ckpt / "pytorch_model_fsdp_0" / ".metadata").is_file() and not (ckpt / "pytorch_model_fsdp.bin").exists()
 
+    # --compile: each Block compiled in place, then sharded (torchtitan's order): the eager run's losses,
+    # and no graph break (whole-model compilation would break at every block's FSDP hooks)
+    compiled = run(config, "tests.fsdp_on_cpu", *args, "--max_steps", 2, "--eval_tasks", "none", "--compile",
+                   "--out", tmp_path / "compiled", env={"COMPILE_BACKEND": "aot_eager", "GRAPHS": str(tmp_path / "graphs")})
+    assert losses(compiled) == pytest.approx(losses(log)[:2], rel=1e-5)
+    for rank in (0, 1):
+        counts = json.loads((tmp_path / f"graphs.rank{rank}").read_text())
+        assert counts["graph_breaks"] == 0 and counts["graphs"] >= 2, counts
+
     shutil.copytree(fsdp, resumed)
     again = run(config, "tests.fsdp_on_cpu", "--out", resumed, "--resume", resumed / "checkpoints" / "step_0000002")
     assert [r["step"] for r in again if r.get("event") == "resume"] == [2] and losses(again) == losses(log)
@@ -104,9 +113,10 @@ def test_fsdp2_muon_in_bf16_with_activation_checkpointing_follows_the_unsharded_
     here is FSDP2's bf16 weights with fp32 reduction against DDP's bf16 autocast (conftest's
     ddp_muon_run, the same flags), so the two agree to bf16's precision, not bit for bit."""
     ddp = read_log(ddp_muon_run / "train_log.jsonl")
-    fsdp = run(cpu_fsdp_config(tmp_path), "tests.fsdp_on_cpu", "--data", data_dir, *DDP_MUON_RUN, "--activation_checkpointing",
-               "--out", tmp_path / "fsdp")
+    fsdp = run(cpu_fsdp_config(tmp_path), "tests.fsdp_on_cpu", "--data", data_dir, *DDP_MUON_RUN,
+               "--activation_checkpointing", "--out", tmp_path / "fsdp")
     assert fsdp[0]["mixed_precision"] == "bf16" and fsdp[0]["world_size"] == 2
+
     assert losses(fsdp) == pytest.approx(losses(ddp), rel=2e-2)
     assert losses(fsdp)[-1] < losses(fsdp)[0] - 0.3  # it learns
     end = fsdp[-1]
