@@ -199,8 +199,14 @@ def memory_verdict(cfg: TrainConfig, model: Transformer, accelerator) -> str | N
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
     repeat = repeats_kv(device.type, capability(device) if device.type == "cuda" else None, dtype,
                         cfg.model.num_key_value_heads != cfg.model.num_attention_heads, cfg.document_masking and not flex)
-    need = step_memory(cfg, accelerator.mixed_precision, shards=world if kind == "FSDP" else 1,
-                       bucket_copy=kind == "MULTI_GPU" and world > 1, flex=flex, repeat_kv=repeat)
+    if kind == "FSDP":  # FSDP2's real sharding on fake ranks: gathered blocks and buffers counted too
+        from .fsdp_sim import simulate_elsewhere
+
+        counted = simulate_elsewhere(cfg, accelerator.mixed_precision, world)
+        need = StepMemory(state=counted["state"], activations=counted["activations"], micro_batch=mb)
+    else:
+        need = step_memory(cfg, accelerator.mixed_precision, bucket_copy=kind == "MULTI_GPU" and world > 1,
+                           flex=flex, repeat_kv=repeat)
     room = (free + resident) / margin  # what the counted tensors may take
     if need.total <= room:
         return None

@@ -166,12 +166,17 @@ def test_init_from_a_run_of_ours_starts_from_its_weights_with_a_baseline(tmp_pat
 
     source = read_log(trained_run / "train_log.jsonl")
     stage2 = tmp_path / "stage2"
+    from tests.helpers import TASKS_DIR
+
     assert train("--data", data_dir, "--out", stage2, *TINY[2:], "--init_from", trained_run, "--max_steps", 2,
-                 "--eval_interval", 2, "--save_interval", 2, "--lr", "1e-4", "--eval_iters", 2) == 0
-    assert "step 0: val_loss" in capsys.readouterr().out
+                 "--eval_interval", 2, "--save_interval", 2, "--lr", "1e-4", "--eval_iters", 2, "--eval_tasks",
+                 "hellaswag_local", "--eval_tasks_limit", 6, "--eval_tasks_dir", TASKS_DIR) == 0
+    out = capsys.readouterr().out
+    assert "step 0: val_loss" in out and "step 0: hellaswag_local" in out, out
     log = read_log(stage2 / "train_log.jsonl")
     evals = [r for r in log if "val_loss" in r]
     assert [r["step"] for r in evals] == [0, 2]
+    assert [r["step"] for r in log if "tasks/hellaswag_local/acc" in r] == [0, 2]  # before and after, in one log
     assert evals[0]["val_loss"] == [r for r in source if "val_loss" in r][-1]["val_loss"]  # same weights, windows
     first = next(r for r in log if "loss" in r)
     assert first["step"] == 1 and first["lr"] < 1e-4  # a fresh warmup, not the source's schedule
@@ -179,6 +184,11 @@ def test_init_from_a_run_of_ours_starts_from_its_weights_with_a_baseline(tmp_pat
 
     ckpt = list_checkpoints(trained_run)[-1]
     again = tmp_path / "from_ckpt"
-    assert train("--data", data_dir, "--out", again, *TINY[2:], "--init_from", ckpt, "--max_steps", 1,
+    tiny = TINY[2:]
+    no_lr = tiny[:tiny.index("--lr")] + tiny[tiny.index("--lr") + 2:]
+    assert train("--data", data_dir, "--out", again, *no_lr, "--init_from", ckpt, "--max_steps", 1,
                  "--eval_at_start", "false") == 0
+    assert "note: --init_from with the from-scratch peak lr 0.0006" in capsys.readouterr().out
+    assert train("--out", again, "--resume", "--max_steps", 2) == 0
+    assert f"resuming from {again / 'checkpoints' / 'step_0000001'}: loading the model" in capsys.readouterr().out
     assert not [r for r in read_log(again / "train_log.jsonl") if r.get("step") == 0 and "val_loss" in r]

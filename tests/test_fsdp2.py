@@ -186,3 +186,28 @@ print("equal", mine)
                            "--master_port", str(free_port()), str(script)], cwd=ROOT, env=ENV, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.count("equal") == world, proc.stdout + proc.stderr
+
+
+def test_the_fsdp2_step_at_8_gpus_simulated_on_fake_ranks():
+    """accel_pretrain.fsdp_sim on 8 fake ranks (what the memory preflight runs for an FSDP launch, in a
+    process of its own): each rank's traffic is FSDP2's, to the byte (per step, every block's bf16
+    weights gathered for the forward and again for the backward, its fp32 gradient reduce-scattered;
+    the root's weights gathered once: 7/8 of each), and its peak is more than the old count of
+    sharded state plus activations, which left out FSDP's gathered blocks and buffers."""
+    from accel_pretrain.config import ModelConfig, TrainConfig
+    from accel_pretrain.fsdp_sim import simulate_elsewhere
+    from accel_pretrain.memory import step_memory
+    from accel_pretrain.model import Transformer
+
+    cfg = ModelConfig(vocab_size=1024, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)
+    train = TrainConfig(micro_batch_size=2, block_size=64, model=cfg)
+    train.validate()
+    counted = simulate_elsewhere(train, "bf16", 8)
+    model = Transformer(cfg)
+    blocks = sum(p.numel() for p in model.layers.parameters())
+    root = sum(p.numel() for p in model.parameters()) - blocks
+    assert counted["traffic"] == pytest.approx(7 / 8 * (blocks * (2 + 2 + 4) + root * (2 + 4)), rel=1e-3), counted
+    old = step_memory(train, "bf16", shards=8)
+    assert counted["state"] + counted["activations"] > old.total * 1.2, (counted, old)
+    assert counted["state"] < step_memory(train, "bf16").state / 4  # sharded eight ways
