@@ -39,9 +39,10 @@ class StopVote:
 
     Each step a rank writes its flags into pinned host memory, copies them to the device without
     blocking, all-reduces them there asynchronously (queued on the device after the step's kernels)
-    and copies the sum back into pinned memory, marking the copy with an event. The sum is read one
-    step later, when it is long done: no host-device sync per step, whatever the world size. Two
-    buffers alternate, so a step never writes memory whose copy may still be in flight. All ranks
+    and copies the sum back into pinned memory on a side stream, marking the copy with an event (the
+    compute stream never waits for the vote). The sum is read one step later, when it is long done:
+    no host-device sync per step, whatever the world size. Two buffers alternate, so a step never
+    writes memory whose copy may still be in flight (the read a step later waited for it). All ranks
     read the same sum at the same step, so all stop (or start decaying) at the same step, one step
     after the first rank asked. One process needs no vote: its flags are the answer."""
 
@@ -53,6 +54,7 @@ class StopVote:
         self.host = [torch.zeros(self.FLAGS, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self.back = [torch.zeros(self.FLAGS, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self.turn = 0
+        self.side: Any = None  # CUDA: the stream that copies each vote back
         self.pending: tuple[Any, Any, torch.Tensor] | None = None  # (work, copy-done event, host result)
 
     def __call__(self, stop: bool, decay: bool = False) -> tuple[bool, bool]:
@@ -68,10 +70,15 @@ class StopVote:
         votes = host.to(self.device, non_blocking=True)
         work = dist.all_reduce(votes, async_op=True)
         if self.device.type == "cuda":
-            work.wait()  # on CUDA: the copy below is queued after the all-reduce; the host does not wait
-            back.copy_(votes, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
+            # The copy back waits for the all-reduce on a side stream: the compute stream (the next
+            # step's kernels) never waits for the vote, and the host only waits a step later.
+            self.side = self.side or torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self.side):
+                work.wait()
+                back.copy_(votes, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self.side)
+            votes.record_stream(self.side)  # the allocator must not reuse it before the side stream has read it
             self.pending = (None, done, back)
         else:
             self.pending = (work, None, votes)
