@@ -153,3 +153,19 @@ def fresh_accelerate_state():
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+# What starts other processes (accelerate launch, torchrun, a CLI or benchmark in a subprocess, the
+# launched-once DDP runs): `make test-fast` leaves these out for the edit-test loop; `make test` runs all.
+LAUNCHES = ("launch(", "subprocess.", "Popen", "torch.distributed.run", "time_to_loss(", "_slurm_nodes(",
+            "start(args", "simulate_elsewhere(", "run(config", "run(cpu_fsdp_config")
+LAUNCHED_FIXTURES = {"ddp_run", "ddp_muon_run"}
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    import inspect
+
+    for item in items:
+        source = inspect.getsource(item.function)
+        if any(token in source for token in LAUNCHES) or LAUNCHED_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.launches)
