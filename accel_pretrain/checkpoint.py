@@ -99,6 +99,27 @@ def save_checkpoint(accelerator, run: Path, step: int, state: dict[str, Any], ke
     return final
 
 
+def read_shards(folder: Path) -> dict[str, Any]:
+    """A torch.distributed.checkpoint folder read whole in this one process: the body of DCP's own
+    dcp_to_torch_save without its file (a model's worth of disk, and write access, saved), or that
+    converter through a temporary file where the private loader is gone."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    except ImportError:
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(folder, Path(tmp) / "whole.pt")
+            return torch.load(Path(tmp) / "whole.pt", map_location="cpu", weights_only=True)
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=FileSystemReader(folder), planner=_EmptyStateDictLoadPlanner(),
+                     no_dist=True)
+    return state
+
+
 def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """The whole weights of a checkpoint: ours, FSDP's full state dict, or FSDP's shards (every rank's
     part, read back whole in this one process by torch.distributed.checkpoint's own converter)."""
@@ -110,11 +131,7 @@ def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     elif fsdp.is_file():  # FSDP with FULL_STATE_DICT saves a torch file; tensors only, no code
         state = torch.load(fsdp, map_location="cpu", weights_only=True)
     elif (sharded / ".metadata").is_file():
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory(dir=ckpt.parent) as tmp:
-            dcp_to_torch_save(sharded, Path(tmp) / "whole.pt")
-            state = torch.load(Path(tmp) / "whole.pt", map_location="cpu", weights_only=True)["model"]
+        state = read_shards(sharded)["model"]
     else:
         raise UserError(f"{ckpt} has no {WEIGHTS_FILE} (nor {FSDP_WEIGHTS_FILE}, nor {FSDP_SHARDED_DIR}/)")
     for prefix in WRAPPER_PREFIXES:

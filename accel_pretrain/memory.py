@@ -198,7 +198,8 @@ def memory_verdict(cfg: TrainConfig, model: Transformer, accelerator) -> str | N
     flex = runs_flex(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
     repeat = repeats_kv(device.type, capability(device) if device.type == "cuda" else None, dtype,
-                        cfg.model.num_key_value_heads != cfg.model.num_attention_heads, cfg.document_masking and not flex)
+                        cfg.model.num_key_value_heads != cfg.model.num_attention_heads, cfg.document_masking and not flex,
+                        cfg.model.head_size)
     if kind == "FSDP":  # FSDP2's real sharding on fake ranks: gathered blocks and buffers counted too
         from .fsdp_sim import simulate_elsewhere
 

@@ -77,22 +77,14 @@ class MuonAdamW(torch.optim.Optimizer):
         from torch.optim import _muon  # torch's own routines, looked up at each step
 
         for group in self.muon.param_groups:
-            lr, momentum = float(group["lr"]), group["momentum"]
+            lr = float(group["lr"])
             params = [p for p in group["params"] if p.grad is not None]
-            updates = []
-            for p in params:
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
             order = sorted(range(len(params)), key=lambda i: -params[i].numel())  # stable: ties keep their order
             for start in range(0, len(order), world):
                 members = order[start:start + world]
                 mine = None
-                for k, i in enumerate(members):
-                    update = updates[i]
+                for k, i in enumerate(members):  # one update alive at a time, as in torch's own loop
+                    update = self._momentum_update(params[i], group)
                     if isinstance(update, DTensor):  # a collective: every rank takes part for every matrix
                         update = update.to(torch.bfloat16).full_tensor()
                     if k == rank:
@@ -108,10 +100,20 @@ class MuonAdamW(torch.optim.Optimizer):
                     p = params[i]
                     whole = parts[k][:p.numel()].view(p.shape)
                     if isinstance(p, DTensor):  # this rank's rows of what every rank now holds
-                        whole = DTensor.from_local(whole, p.device_mesh, [Replicate()], run_check=False).redistribute(
-                            p.device_mesh, p.placements)
+                        mesh = p.device_mesh
+                        whole = DTensor.from_local(whole, mesh, [Replicate()] * mesh.ndim, run_check=False
+                                                   ).redistribute(mesh, p.placements)
                     p.mul_(1 - lr * group["weight_decay"])
                     p.add_(whole, alpha=-_muon._adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+
+    def _momentum_update(self, p: torch.Tensor, group: dict) -> torch.Tensor:
+        """torch.optim.Muon's momentum step for one matrix and the update it orthogonalises."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+        buf = state["momentum_buffer"]
+        buf.lerp_(p.grad, 1 - group["momentum"])
+        return p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -100,6 +100,12 @@ def start_decay(run: Run, done: int) -> None:
         return
     left = deadline.left()
     steps = max(1, int(0.9 * left / max(max(deadline.steps, default=1.0), 1e-6)))
+    if run.accelerator.num_processes > 1:  # each rank's clock and steps differ: all take the fewest
+        import torch.distributed as dist
+
+        agreed = torch.tensor([steps], device=run.accelerator.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        steps = int(agreed.item())
     run.decay_from = done
     if done + steps >= cfg.max_steps:
         return  # the schedule as given ends before the limit

@@ -89,23 +89,26 @@ def test_flex_forward_equals_masked_sdpa_and_the_path_follows_the_device(monkeyp
     assert not model_module.runs_flex(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("cap,dtype,gqa,masked,flex,repeat", [
-    ((9, 0), torch.bfloat16, True, False, True, False),  # H100 bf16: flash takes GQA
-    ((8, 0), torch.float16, True, False, True, False),   # A100 fp16: the same
-    ((8, 0), torch.float32, True, False, True, True),    # fp32 (single_gpu.yaml): no flash, no GQA in mem-efficient
-    ((8, 6), torch.bfloat16, True, True, True, True),    # a boolean mask rules flash out (flex: only if not flex)
-    ((7, 5), torch.float16, True, False, False, True),   # T4: no flash, no flex
-    ((7, 0), torch.float16, True, True, False, True),    # V100 with document masking: SDPA's mask, repeated k/v
-    ((7, 0), torch.float16, False, True, False, False),  # no GQA: nothing to repeat
-    (None, torch.bfloat16, True, False, False, False),   # a CPU: SDPA's own kernel takes GQA
+@pytest.mark.parametrize("cap,dtype,gqa,masked,flex,repeat,head_dim", [
+    ((9, 0), torch.bfloat16, True, False, True, False, 128),  # H100 bf16: flash takes GQA
+    ((8, 0), torch.float16, True, False, True, False, 128),   # A100 fp16: the same
+    ((8, 0), torch.float32, True, False, True, True, 128),    # fp32 (single_gpu.yaml): no flash, no GQA in mem-efficient
+    ((8, 6), torch.bfloat16, True, True, True, True, 128),    # a boolean mask rules flash out (flex: only if not flex)
+    ((7, 5), torch.float16, True, False, False, True, 128),   # T4: no flash, no flex
+    ((7, 0), torch.float16, True, True, False, True, 128),    # V100 with document masking: SDPA's mask, repeated k/v
+    ((7, 0), torch.float16, False, True, False, False, 128),  # no GQA: nothing to repeat
+    ((9, 0), torch.bfloat16, True, False, True, True, 512),   # head_dim 512: beyond flash's 256
+    (None, torch.bfloat16, True, False, False, False, 128),   # a CPU: SDPA's own kernel takes GQA
 ])
-def test_the_attention_path_exists_on_the_card(monkeypatch, cap, dtype, gqa, masked, flex, repeat):
+def test_the_attention_path_exists_on_the_card(monkeypatch, cap, dtype, gqa, masked, flex, repeat, head_dim):
     """flex_attention for document masking from sm80 on; GQA's keys and values repeated wherever SDPA
     would otherwise fall back to its math kernel (a B x H x T x T tensor per layer)."""
     device = torch.device("cuda" if cap else "cpu")
     monkeypatch.setattr(model_module, "capability", lambda d: cap)
     assert model_module.runs_flex(device) == flex
-    assert model_module.repeats_kv(device.type, cap, dtype, gqa, masked) == repeat
+    assert model_module.repeats_kv(device.type, cap, dtype, gqa, masked, head_dim) == repeat
+
+
 
 
 def test_repeated_keys_and_values_give_the_same_attention_and_cost_their_memory():
