@@ -18,7 +18,7 @@ import torch
 from accel_pretrain.checkpoint import list_checkpoints
 from accel_pretrain.stopping import parse_duration
 from accel_pretrain.tracking import read_log
-from tests.helpers import ROOT, TINY, free_port, train, weights
+from tests.helpers import ROOT, TINY, free_port, launch, train, weights
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -200,6 +200,24 @@ def test_a_time_limited_wsd_run_starts_its_decay_in_time_to_end_decayed(tmp_path
     assert train("--data", data_dir, "--out", tmp_path / "cosine", *TINY, "--max_steps", 1, "--time_limit", "1h") == 0
     assert ("warning: --time_limit with the cosine schedule, which is sized for --max_steps 1: a run the limit stops "
             "before that ends undecayed") in capsys.readouterr().err
+
+
+def test_ranks_with_other_clocks_agree_on_the_decay_and_end_together(tmp_path, data_dir):
+    """Two DDP ranks whose steps take 1 s and 1.5 s of their injected clocks (tests/clocked.py): the
+    slower rank asks for the decay first (step 85, agreed a step later, at 86), and its estimate of
+    the steps left, the fewer, is the one both ranks take: both end at step 108, decayed, identical."""
+    run = tmp_path / "run"
+    proc = launch("cpu_ddp.yaml", "--data", data_dir, "--out", run, *TINY, "--max_steps", 10 ** 6,
+                  "--eval_interval", 10 ** 6, "--save_interval", 10 ** 6, "--log_interval", 50,
+                  "--lr_schedule", "wsd", "--time_limit", "200", extra=["--main_process_port", str(free_port())],
+                  module="tests.clocked", env={"SLURM_JOB_END_TIME": ""})
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    log = read_log(run / "train_log.jsonl")
+    assert [r for r in log if r.get("event") == "decay"] == [{"event": "decay", "step": 86, "max_steps": 108,
+                                                              "why": "time_limit"}], out
+    end = log[-1]
+    assert end["event"] == "end" and end["step"] == 108 and end["param_checksums"][0] == end["param_checksums"][1]
 
 
 def test_a_time_limited_job_saves_and_stops_before_its_end(tmp_path, data_dir, monkeypatch, capsys):
