@@ -160,8 +160,8 @@ def tokenizer_dir_of(ckpt: Path) -> Path | None:
 
 
 def load_any(source: str) -> tuple[Transformer, str | None, dict[str, Any]]:
-    """Our model from a run directory, a checkpoint, or a Hugging Face Llama folder or hub name.
-    Returns the model, where its tokenizer is, and what is known about its data."""
+    """Our model from a run directory, a checkpoint, or a Hugging Face folder or hub name (Llama, Mistral,
+    Qwen2, Qwen3). Returns the model, where its tokenizer is, and what is known about its data."""
     path = Path(source)
     if path.is_dir() and any((path / name).exists() for name in (STATE_FILE, "checkpoints", "train_log.jsonl")):
         ckpt = resolve_checkpoint(path)

@@ -1,4 +1,5 @@
-"""CLI: sample text from a run directory, a checkpoint, or an exported / Hugging Face Llama folder.
+"""CLI: sample text from a run directory, a checkpoint, or an exported / Hugging Face folder (Llama,
+Mistral, Qwen2, Qwen3).
 
     python -m accel_pretrain.generate MODEL --prompt TEXT [--max_new_tokens 64] [--temperature 0.8]
         [--top_k 50] [--top_p 0.95] [--seed 0]
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     p = argparse.ArgumentParser(prog="python -m accel_pretrain.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="run directory, checkpoint, or Hugging Face Llama folder/name")
+    p.add_argument("model", help="run directory, checkpoint, or Hugging Face folder/name (Llama, Mistral, Qwen2, "
+                                  "Qwen3)")
     p.add_argument("--prompt", default="", help="text to continue (default: start from EOS)")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
