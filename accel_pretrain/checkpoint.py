@@ -159,11 +159,16 @@ def tokenizer_dir_of(ckpt: Path) -> Path | None:
     return run_tok if run_tok.is_dir() else None
 
 
+def is_ours(path: Path) -> bool:
+    """Whether a folder is a run or a checkpoint of ours (not a Hugging Face model)."""
+    return path.is_dir() and any((path / name).exists() for name in (STATE_FILE, "checkpoints", "train_log.jsonl"))
+
+
 def load_any(source: str) -> tuple[Transformer, str | None, dict[str, Any]]:
     """Our model from a run directory, a checkpoint, or a Hugging Face folder or hub name (Llama, Mistral,
     Qwen2, Qwen3). Returns the model, where its tokenizer is, and what is known about its data."""
     path = Path(source)
-    if path.is_dir() and any((path / name).exists() for name in (STATE_FILE, "checkpoints", "train_log.jsonl")):
+    if is_ours(path):
         ckpt = resolve_checkpoint(path)
         tok = tokenizer_dir_of(ckpt)
         return model_from_checkpoint(ckpt), str(tok) if tok else None, read_state(ckpt)

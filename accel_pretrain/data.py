@@ -155,15 +155,19 @@ class Ids:
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
-def _check_same_tokenizer(where: Path, meta: dict[str, Any], first_dir: Path, first: dict[str, Any]) -> None:
-    """Every source and shard of a run must come from one tokenizer: meta.json's tokenizer_fingerprint
-    where both have one, else its tokenizer_sha256 where both have one (data made before the
-    fingerprint); the vocabulary size and EOS always."""
-    key = "tokenizer_fingerprint" if meta.get("tokenizer_fingerprint") and first.get("tokenizer_fingerprint") \
+def same_tokenizer(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two records of prepared data (meta.json, a checkpoint's train state) come from one
+    tokenizer: by tokenizer_fingerprint where both have one, else by tokenizer_sha256 where both have
+    one (data made before the fingerprint); the vocabulary size always."""
+    key = "tokenizer_fingerprint" if a.get("tokenizer_fingerprint") and b.get("tokenizer_fingerprint") \
         else "tokenizer_sha256"
-    sha, first_sha = meta.get(key), first.get(key)
-    if (sha and first_sha and sha != first_sha) or meta["vocab_size"] != first["vocab_size"] \
-            or meta.get("eos_token_id") != first.get("eos_token_id"):
+    sha, other = a.get(key), b.get(key)
+    return not (sha and other and sha != other) and a.get("vocab_size") == b.get("vocab_size")
+
+
+def _check_same_tokenizer(where: Path, meta: dict[str, Any], first_dir: Path, first: dict[str, Any]) -> None:
+    """Every source and shard of a run must come from one tokenizer (same_tokenizer), with one EOS."""
+    if not same_tokenizer(meta, first) or meta.get("eos_token_id") != first.get("eos_token_id"):
         raise UserError(f"{where} was prepared with another tokenizer than {first_dir} ({meta.get('tokenizer')} vs "
                         f"{first.get('tokenizer')}); every source and shard of a run needs the same tokenizer")
 

@@ -39,6 +39,7 @@ def simulate(train: TrainConfig, precision: str, world: int) -> dict[str, int]:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
+    from .launch import fsdp_precision
     from .model import Transformer
     from .optim import build_optimizer
 
@@ -57,8 +58,7 @@ def simulate(train: TrainConfig, precision: str, world: int) -> dict[str, int]:
     dist.all_gather_single, dist.reduce_scatter_single = gathered, scattered
     try:
         mesh = init_device_mesh("cpu", (world,))
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if precision == "bf16" else MixedPrecisionPolicy()
+        policy = fsdp_precision(precision) or MixedPrecisionPolicy()  # as train's FSDP plugin sets it
         with FakeTensorMode():
             model = Transformer(train.model)
             model.checkpoint_blocks = train.activation_checkpointing

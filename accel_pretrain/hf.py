@@ -172,10 +172,10 @@ def save_origin(source: str, dest: Path) -> None:
     """The --init_from model's config.json (its pad_token_id) and generation_config.json (its decoding
     defaults), kept so that an export of the run carries the original's, not ours; a run of ours
     passes on the one it started from, if any."""
-    from .checkpoint import STATE_FILE, resolve_checkpoint
+    from .checkpoint import is_ours, resolve_checkpoint
 
     src = Path(source)
-    if (src / STATE_FILE).is_file() or (src / "checkpoints").is_dir():
+    if is_ours(src):
         before = resolve_checkpoint(src).parent.parent / ORIGIN
         if before.is_dir():
             shutil.copytree(before, dest, dirs_exist_ok=True)

@@ -82,10 +82,16 @@ def fsdp_plugin(precision: str):  # noqa: ANN201
     if not using_fsdp():
         return None
     from accelerate import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(mixed_precision_policy=fsdp_precision(precision))
+
+
+def fsdp_precision(precision: str):  # noqa: ANN201
+    """FSDP2's precision policy for a run's mixed_precision: under bf16, bf16 weights for compute and
+    gradients reduced in fp32; else None (FSDP2's default: no casts)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else None
-    return FullyShardedDataParallelPlugin(mixed_precision_policy=policy)
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" else None
 
 
 def allow_tf32(device_type: str, precision: str) -> bool:

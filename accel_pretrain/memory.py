@@ -23,9 +23,10 @@ from torch.utils._pytree import tree_flatten
 
 from .config import ModelConfig, TrainConfig
 from .errors import UserError
-from .model import Transformer, capability, repeats_kv, runs_flex
+from .model import Transformer, repeats_kv, runs_flex
 
 GIB = 1 << 30
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # a run's mixed_precision -> its compute dtype
 
 
 @dataclass
@@ -94,7 +95,7 @@ def step_memory(train: TrainConfig, precision: str, shards: int = 1, bucket_copy
     from .model import document_mask
     from .optim import build_optimizer
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = AUTOCAST_DTYPES.get(precision)
     with FakeTensorMode(), torch.device("cpu"), PeakBytes() as counter:
         model = Transformer(train.model)
         model.checkpoint_blocks = train.activation_checkpointing
@@ -194,20 +195,18 @@ def memory_verdict(cfg: TrainConfig, model: Transformer, accelerator) -> str | N
     margin = ALLOCATOR_OVERHEAD.get(device.type, 1.0)
     if generous_bound(cfg.model, mb, T, cfg.document_masking) * margin <= free + resident:
         return None
-    kind, world = accelerator.distributed_type.name, accelerator.num_processes
-    flex = runs_flex(device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
-    repeat = repeats_kv(device.type, capability(device) if device.type == "cuda" else None, dtype,
-                        cfg.model.num_key_value_heads != cfg.model.num_attention_heads, cfg.document_masking and not flex,
-                        cfg.model.head_size)
+    kind, world, precision = accelerator.distributed_type.name, accelerator.num_processes, accelerator.mixed_precision
     if kind == "FSDP":  # FSDP2's real sharding on fake ranks: gathered blocks and buffers counted too
         from .fsdp_sim import simulate_elsewhere
 
-        counted = simulate_elsewhere(cfg, accelerator.mixed_precision, world)
+        counted = simulate_elsewhere(cfg, precision, world)
         need = StepMemory(state=counted["state"], activations=counted["activations"], micro_batch=mb)
-    else:
-        need = step_memory(cfg, accelerator.mixed_precision, bucket_copy=kind == "MULTI_GPU" and world > 1,
-                           flex=flex, repeat_kv=repeat)
+    else:  # the attention kernel this card runs decides what its backward keeps
+        flex = runs_flex(device)
+        repeat = repeats_kv(device, AUTOCAST_DTYPES.get(precision, torch.float32),
+                            cfg.model.num_key_value_heads != cfg.model.num_attention_heads,
+                            cfg.document_masking and not flex, cfg.model.head_size)
+        need = step_memory(cfg, precision, bucket_copy=kind == "MULTI_GPU" and world > 1, flex=flex, repeat_kv=repeat)
     room = (free + resident) / margin  # what the counted tensors may take
     if need.total <= room:
         return None

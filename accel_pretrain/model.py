@@ -198,16 +198,15 @@ def capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def repeats_kv(device_type: str, cap: tuple[int, int] | None, dtype: torch.dtype, gqa: bool, masked: bool,
-               head_dim: int = 128) -> bool:
+def repeats_kv(device: torch.device, dtype: torch.dtype, gqa: bool, masked: bool, head_dim: int = 128) -> bool:
     """Whether grouped-query attention must repeat its keys and values before SDPA on this card: in
     torch 2.13 SDPA takes GQA (enable_gqa) only in its flash kernel (CUDA sm80+, fp16/bf16, no mask,
     head_dim <= 256) and its math kernel, which keeps a B x H x T x T tensor per layer (torch's SDPA
     documentation). Elsewhere repeating k and v lets the memory-efficient kernel run instead; it only
     costs memory. On a CPU SDPA's own kernel takes GQA as it is."""
-    if device_type != "cuda" or not gqa:
+    if device.type != "cuda" or not gqa:
         return False
-    flash = (cap is not None and cap >= (8, 0) and dtype in (torch.float16, torch.bfloat16) and not masked
+    flash = (capability(device) >= (8, 0) and dtype in (torch.float16, torch.bfloat16) and not masked
              and head_dim <= 256)
     return not flash
 
@@ -294,9 +293,10 @@ class Attention(nn.Module):
         if isinstance(mask, BlockMask):  # q, k in v's dtype (QK-norm gives fp32 under autocast): pytorch#176025
             y = compiled(flex_attention)(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask, enable_gqa=gqa)
         else:
-            if self.repeat_kv if self.repeat_kv is not None else repeats_kv(
-                    x.device.type, capability(x.device) if x.device.type == "cuda" else None, v.dtype, gqa,
-                    mask is not None, self.head_dim):
+            repeat = self.repeat_kv
+            if repeat is None:
+                repeat = repeats_kv(x.device, v.dtype, gqa, mask is not None, self.head_dim)
+            if repeat:
                 k, v = (t.repeat_interleave(self.n_heads // self.n_kv, dim=1) for t in (k, v))
                 gqa = False
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)

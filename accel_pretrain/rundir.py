@@ -22,7 +22,7 @@ from typing import Any
 
 from .checkpoint import FSDP_SHARDED_DIR, checkpoint_step, list_checkpoints, read_state, resolve_checkpoint
 from .config import TRAIN_FIELDS, TrainConfig, model_config_from_dict, save_json
-from .data import TokenData
+from .data import TokenData, same_tokenizer
 from .errors import UserError
 from .hf import ORIGIN
 from .optim import lr_at, wsd_decay_start
@@ -167,6 +167,11 @@ def check_steps(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> bool:
     return False
 
 
+def trained_config(saved: dict[str, Any], **override: Any) -> TrainConfig:
+    """The training fields a checkpoint recorded (its schedule), with `override` on top."""
+    return TrainConfig(**{k: v for k, v in saved.items() if k in TRAIN_FIELDS} | override)
+
+
 def warn_lr_jump(cfg: TrainConfig, state: dict[str, Any]) -> bool:
     """A resume whose new schedule shape (another --max_steps, --warmup_steps, schedule...) moves the
     next step's lr by more than half from where the run's own schedule had it: say so before anything
@@ -175,7 +180,7 @@ def warn_lr_jump(cfg: TrainConfig, state: dict[str, Any]) -> bool:
     step = int(state.get("step", 0))
     if not saved or int(os.environ.get("RANK", "0")) != 0:
         return False
-    before = TrainConfig(**{k: v for k, v in saved.items() if k in TRAIN_FIELDS} | {"lr": cfg.lr, "min_lr": cfg.min_lr})
+    before = trained_config(saved, lr=cfg.lr, min_lr=cfg.min_lr)
     was, now = lr_at(step, before), lr_at(step, cfg)
     if min(was, now) * 1.5 >= max(was, now):
         return False
@@ -195,7 +200,7 @@ def warn_wsd_rewarm(cfg: TrainConfig, ckpt: Path, state: dict[str, Any]) -> bool
     step = int(state.get("step", 0))
     if cfg.lr_schedule != "wsd" or saved.get("lr_schedule") != "wsd" or saved.get("max_steps", 0) >= cfg.max_steps:
         return False
-    before = TrainConfig(**{k: v for k, v in saved.items() if k in TRAIN_FIELDS})
+    before = trained_config(saved)
     start = wsd_decay_start(before)
     was, now = lr_at(step - 1, before), lr_at(step, cfg)
     if step <= start or now <= was * 1.01 or int(os.environ.get("RANK", "0")) != 0:
@@ -265,10 +270,9 @@ def check_resume_shape(ckpt: Path, state: dict[str, Any], cfg: TrainConfig) -> N
 
 
 def other_tokenizer(state: dict[str, Any], data: TokenData) -> bool:
-    """Whether the checkpoint's data came from another tokenizer: by fingerprint where both have one
-    (checkpoints before it: by tokenizer_sha256 and vocabulary size)."""
-    if state.get("tokenizer_fingerprint") and data.tokenizer_fingerprint:
-        return state["tokenizer_fingerprint"] != data.tokenizer_fingerprint
-    vocab = state.get("data_vocab_size", state.get("model_config", {}).get("vocab_size"))
-    sha = state.get("tokenizer_sha256")
-    return vocab != data.vocab_size or bool(sha and data.tokenizer_sha256 and sha != data.tokenizer_sha256)
+    """Whether the checkpoint's data came from another tokenizer, by the rule that joins the sources
+    of a run (data.same_tokenizer); checkpoints that predate data_vocab_size give the model's."""
+    trained = {"tokenizer_fingerprint": state.get("tokenizer_fingerprint"),
+               "tokenizer_sha256": state.get("tokenizer_sha256"),
+               "vocab_size": state.get("data_vocab_size", state.get("model_config", {}).get("vocab_size"))}
+    return not same_tokenizer(trained, data.meta)

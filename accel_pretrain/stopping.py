@@ -54,7 +54,7 @@ class StopVote:
         self.host = [torch.zeros(self.FLAGS, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self.back = [torch.zeros(self.FLAGS, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self.turn = 0
-        self.side: Any = None  # CUDA: the stream that copies each vote back
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" and world > 1 else None  # copies votes back
         self.pending: tuple[Any, Any, torch.Tensor] | None = None  # (work, copy-done event, host result)
 
     def __call__(self, stop: bool, decay: bool = False) -> tuple[bool, bool]:
@@ -72,7 +72,6 @@ class StopVote:
         if self.device.type == "cuda":
             # The copy back waits for the all-reduce on a side stream: the compute stream (the next
             # step's kernels) never waits for the vote, and the host only waits a step later.
-            self.side = self.side or torch.cuda.Stream(self.device)
             with torch.cuda.stream(self.side):
                 work.wait()
                 back.copy_(votes, non_blocking=True)

@@ -7,18 +7,7 @@ import os
 import sys
 
 from accel_pretrain import launch, stopping, train
-
-
-class Clock:
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def time(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.now
-
+from tests.helpers import Clock
 
 clock = Clock(1_000_000.0)
 step_s = 1.0 + 0.5 * int(os.environ.get("RANK", "0"))

@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from accel_pretrain import launch, train
+from tests.helpers import compile_through
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier", "reduce", "gather")
 
@@ -100,8 +101,7 @@ def counting() -> Iterator[dict[int, list[int]]]:
 def main() -> None:
     out, argv = sys.argv[1], sys.argv[2:]
     if "--compile" in argv:
-        compile_ = torch.compile
-        torch.compile = lambda model, **kwargs: compile_(model, **{**kwargs, "backend": "aot_eager"})
+        compile_through("aot_eager")
     with counting() as counts:
         code = train.main(argv)
     rank = os.environ.get("RANK", "0")

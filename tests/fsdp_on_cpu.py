@@ -18,6 +18,7 @@ import sys
 import torch
 
 from accel_pretrain import launch, train
+from tests.helpers import compile_through
 
 
 def promote_cpu_ranks_to_fsdp() -> None:
@@ -56,13 +57,6 @@ def record_gradient_bytes(path: str) -> None:
             json.dump(seen, f)
 
     Accelerator.backward = counted
-
-
-def compile_through(backend: str) -> None:
-    """torch.compile through `backend` (aot_eager: dynamo and AOT autograd as under inductor, without
-    its C++ build)."""
-    compile_ = torch.compile
-    torch.compile = lambda model=None, **kwargs: compile_(model, **{**kwargs, "backend": backend})
 
 
 def write_graph_counts(path: str) -> None:

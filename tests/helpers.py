@@ -54,3 +54,25 @@ def launch(config: str, *args, extra: list[str] | None = None, env: dict[str, st
 
 def weights(ckpt: Path) -> dict:
     return load_file(str(ckpt / "model.safetensors"))
+
+
+class Clock:
+    """time.time() and time.monotonic() for stopping.Deadline, moved by the test (or a runner)."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def compile_through(backend: str) -> None:
+    """torch.compile through `backend` from here on (aot_eager: dynamo's graphs and AOT autograd as
+    under inductor, without its C++ build), whatever backend the caller names."""
+    import torch
+
+    compile_ = torch.compile
+    torch.compile = lambda model=None, **kwargs: compile_(model, **{**kwargs, "backend": backend})

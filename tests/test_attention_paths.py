@@ -106,7 +106,7 @@ def test_the_attention_path_exists_on_the_card(monkeypatch, cap, dtype, gqa, mas
     device = torch.device("cuda" if cap else "cpu")
     monkeypatch.setattr(model_module, "capability", lambda d: cap)
     assert model_module.runs_flex(device) == flex
-    assert model_module.repeats_kv(device.type, cap, dtype, gqa, masked, head_dim) == repeat
+    assert model_module.repeats_kv(device, dtype, gqa, masked, head_dim) == repeat
 
 
 

@@ -18,7 +18,7 @@ import torch
 from accel_pretrain.checkpoint import list_checkpoints
 from accel_pretrain.stopping import parse_duration
 from accel_pretrain.tracking import read_log
-from tests.helpers import ROOT, TINY, free_port, launch, train, weights
+from tests.helpers import ROOT, TINY, Clock, free_port, launch, train, weights
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -91,19 +91,6 @@ def test_a_bad_time_limit_is_one_line(tmp_path, data_dir, capsys):
     assert capsys.readouterr().err.strip() == ("error: time_limit must be seconds, a number with s/m/h/d, or "
                                                "[D-]HH:MM:SS (got 'soon')")
     assert not (tmp_path / "run").exists()
-
-
-class Clock:
-    """time.time() and time.monotonic() for stopping.Deadline, moved by the test."""
-
-    def __init__(self, now: float) -> None:
-        self.now = now
-
-    def time(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.now
 
 
 def steps_until_due(deadline, clock: Clock, step_s: float, save_every: int = 0, save_s: float = 0.0) -> int:
