@@ -5,66 +5,50 @@ lm-eval is imported inside the functions, so that it stays an optional dependenc
 from __future__ import annotations
 
 import contextlib
-import difflib
-import functools
+import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
+from tokenization import PrepareError, tasks
+
+from .data import given_weights
 from .errors import UserError
-
-PIP_LINE = "pip install 'accel-pretrain[eval]' (or pip install lm-eval)"
-
-
-def require_lm_eval() -> None:
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise UserError(f"downstream tasks need lm-evaluation-harness: {PIP_LINE}") from None
 
 
 def load_tasks(names: list[str], tasks_dir: str | None) -> tuple[Any, dict[str, Any]]:
-    """lm-eval's TaskManager and the named tasks (groups and tags expand), each refused in one line
-    when unknown (with the closest names) or when its data cannot be had offline. Loaded once per
-    process: a run that scores every few hundred steps reads each task's data once."""
-    return _load_tasks(tuple(names), tasks_dir)
-
-
-@functools.cache
-def _load_tasks(names: tuple[str, ...], tasks_dir: str | None) -> tuple[Any, dict[str, Any]]:
-    require_lm_eval()
-    import datasets
-
-    datasets.disable_progress_bars()  # the output a user reads is ours: no "Map:" or "Generating split" bars
-    names = list(names)
-    if tasks_dir and not Path(tasks_dir).is_dir():
-        raise UserError(f"--tasks_dir {tasks_dir} is not a directory")
-    manager = task_manager(tasks_dir, defaults=False) if tasks_dir else None
-    if manager is None or not set(names) <= set(manager.all_tasks):  # lm-eval's own tasks, or a mistake
-        manager = task_manager(tasks_dir)
-    known = set(manager.all_tasks)
-    for name in names:
-        if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
-            raise UserError(f"unknown task {name!r}" + (f"; did you mean {', '.join(close)}?" if close else
-                                                      " (python -m lm_eval ls tasks lists them)"))
+    """lm-eval's TaskManager and the named tasks, loaded once per process (tokenization.tasks: the
+    loader that prepare's decontamination shares); a mistake is refused in one line."""
     try:
-        loaded = manager.load(names)
-    except ConnectionError as e:
-        raise UserError(f"task data is not available offline ({str(e).splitlines()[0][:200]}); write task YAMLs "
-                        "that read local files into a folder and pass --tasks_dir DIR (the repository's tests/tasks/ "
-                        "shows how)") from None
-    return manager, loaded
+        return tasks.load_tasks(tuple(names), tasks_dir)
+    except PrepareError as e:
+        raise UserError(str(e)) from None
 
 
-@functools.cache
-def task_manager(tasks_dir: str | None, defaults: bool = True):  # noqa: ANN201
-    """lm-eval's index of its 14,000-odd tasks (and tasks_dir's), built once per process: about 10 s.
-    With defaults=False tasks_dir's alone: a fraction of a second, enough when every task named is there."""
-    from lm_eval.tasks import TaskManager
+def contamination(data: str | None, names: list[str]) -> dict[str, dict[str, int]]:
+    """The tasks among `names` that the training data was found to contain and kept (prepare
+    --decontaminate ... --decontaminate_mode report), from its meta.json: {task: {eval_documents_hit,
+    train_documents_hit}}, summed over a mixture's directories. Unreadable data says nothing."""
+    found: dict[str, dict[str, int]] = {}
+    for path, _ in given_weights(data) if data else []:
+        try:
+            meta = json.loads((Path(path) / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        for task, c in meta.get("contamination", {}).items():
+            if task in names and c.get("mode") == "report" and c.get("train_documents_hit"):
+                seen = found.setdefault(task, {"eval_documents_hit": 0, "train_documents_hit": 0})
+                for key in seen:
+                    seen[key] += c[key]
+    return found
 
-    return TaskManager(include_path=tasks_dir, include_defaults=defaults) if tasks_dir else TaskManager()
+
+def warn_contaminated(found: dict[str, dict[str, int]]) -> list[str]:
+    """One warning line per contaminated task, for evaluate and --eval_tasks."""
+    return [f"warning: {task}: the training data contains {c['eval_documents_hit']} of its documents (in "
+            f"{c['train_documents_hit']} training documents; prepare --decontaminate found them), so its score "
+            "overstates the model" for task, c in sorted(found.items())]
 
 
 def chance(task: Any, limit: int | None) -> float | None:

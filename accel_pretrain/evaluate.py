@@ -158,7 +158,7 @@ def evaluate_tasks(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from .checkpoint import load_any
-    from .downstream import load_tasks, run_tasks, table
+    from .downstream import contamination, load_tasks, run_tasks, table, warn_contaminated
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if (args.batch_size or 1) < 1 or (args.limit is not None and args.limit < 1) or (args.num_fewshot or 0) < 0:
@@ -177,7 +177,10 @@ def evaluate_tasks(args: argparse.Namespace) -> int:
     scores = run_tasks(lm, names, args.tasks_dir, args.limit, args.num_fewshot)
     scores["config"] = {"model": args.model, "tasks": names, "limit": args.limit, "num_fewshot": args.num_fewshot,
                         "precision": precision}
+    scores["contaminated"] = contamination(state.get("config", {}).get("data"), list(scores["results"]))
     print(table(scores))
+    for line in warn_contaminated(scores["contaminated"]):
+        print(line, file=sys.stderr)
     Path(args.output).write_text(json.dumps(scores, indent=2, default=str) + "\n")
     return 0
 

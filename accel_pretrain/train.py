@@ -306,6 +306,17 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def contaminated_tasks(run: Run) -> None:
+    """--eval_tasks that the data was found to contain: a warning each, and a train_log.jsonl event."""
+    from .downstream import contamination, warn_contaminated
+
+    found = contamination(run.cfg.data, task_names(run.cfg))
+    if found:
+        run.log.write({"event": "contaminated", "step": run.start_step, "tasks": found})
+        if run.accelerator.is_main_process:
+            print("\n".join(warn_contaminated(found)), file=sys.stderr, flush=True)
+
+
 def open_log(run: Run, ckpt: Path | None, precision_why: str) -> None:
     """train_log.jsonl's header (after dropping lines a resume redoes), trackers, the banner, the bar."""
     from tqdm.auto import tqdm
@@ -336,6 +347,8 @@ def open_log(run: Run, ckpt: Path | None, precision_why: str) -> None:
     if cfg.init_from and not ckpt and "lr" not in cfg.given:
         accelerator.print(f"note: --init_from with the from-scratch peak lr {cfg.lr:g}, which makes a trained model "
                           "forget first; README (Your model, your data) suggests --lr 1e-4 and a short warmup")
+    if cfg.eval_tasks:
+        contaminated_tasks(run)
     accelerator.print(f"{n_params / 1e6:.2f}M parameters | world size {world} | {PRECISION.get(mixed, mixed)} "
                       f"({precision_why}) | "
                       f"{run.tokens_per_step:,} tokens per step ({mb} x {T} x {ga} accumulation x {world} processes)"

@@ -28,7 +28,7 @@ def sources(tmp_path_factory, data_dir):
                      encoding="utf-8")
         files.append(str(f))
     for i in range(2):
-        assert prepare_main([*files, "--tokenizer", tok, "--out", str(root / f"shard_{i}"), "--num_shards", "2",
+        assert prepare_main([*files, "--tokenizer", tok, "--out", str(root / f"shard_{i}"), "--num_shards", "2", "--dedup", "none",
                              "--shard_index", str(i)]) == 0
     assert merge_main([str(root / "shard_0"), str(root / "shard_1"), "--out", str(root / "merged")]) == 0
     return root / "merged", data_dir

@@ -26,7 +26,7 @@ def offline(monkeypatch):
 def samples(lm, limit: int = 6) -> dict:
     import lm_eval.evaluator
 
-    from accel_pretrain.downstream import task_manager
+    from tokenization.tasks import task_manager
 
     out = lm_eval.evaluator.simple_evaluate(model=lm, tasks=TASKS, limit=limit, log_samples=True, bootstrap_iters=0,
                                             task_manager=task_manager(TASKS_DIR))  # indexed once per process
@@ -179,7 +179,7 @@ def test_local_tasks_keep_lm_evals_own_prompts_and_metrics():
         from check_prompts import mismatches
     finally:
         sys.path.remove(TASKS_DIR)
-    from accel_pretrain.downstream import task_manager
+    from tokenization.tasks import task_manager
 
     result = mismatches(tm=task_manager(TASKS_DIR))
     assert len(result) >= 9 and not any(result.values()), result

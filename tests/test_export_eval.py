@@ -134,7 +134,7 @@ def test_evaluate_in_the_runs_bf16_reproduces_its_log_exactly(tmp_path, data_dir
     from lm_eval.tasks.manager import TaskManager
 
     from accel_pretrain import evaluate
-    from accel_pretrain.downstream import _load_tasks
+    from tokenization.tasks import load_tasks as _load_tasks
     from accel_pretrain.tracking import read_log
     from tests.helpers import TASKS_DIR, TINY, train
 

@@ -34,7 +34,7 @@ def prepared(tmp_path_factory) -> Path:
     assert prepare_main([str(corpus), "--tokenizer", str(tok), "--out", str(root / "whole")]) == 0
     for i in range(2):
         assert prepare_main([str(corpus), "--tokenizer", str(tok), "--out", str(root / f"shard_{i}"),
-                             "--num_shards", "2", "--shard_index", str(i)]) == 0
+                             "--num_shards", "2", "--shard_index", str(i), "--dedup", "none"]) == 0
     assert merge_main([str(root / "shard_0"), str(root / "shard_1"), "--out", str(root / "merged")]) == 0
     return root
 

@@ -164,7 +164,7 @@ def _prepare_shards(tmp_path, inputs, n, tok, extra=()):
     for i in range(n):
         d = tmp_path / f"shard_{i}"
         assert main([*map(str, inputs), "--tokenizer", str(tok), "--out", str(d), "--num_shards", str(n),
-                     "--shard_index", str(i), *extra]) == 0
+                     "--shard_index", str(i), "--dedup", "none", *extra]) == 0
         dirs.append(d)
     return dirs
 

@@ -86,6 +86,11 @@ def resolve_sources(args: list[str], opts: ReadOptions) -> list[Source]:
     sources: list[Source] = []
     for arg in args:
         path = Path(arg)
+        if path.is_dir() and (path / "meta.json").is_file() and any(
+                (path / name).exists() for name in ("train_ids.npy", "tokenizer", "signatures.npz")):
+            raise PrepareError(f"{arg} is prepared data, not text; duplicates and benchmark text are removed while "
+                               "preparing: run prepare again on the corpus it was made from (its meta.json lists "
+                               "the sources) with --dedup / --decontaminate")
         if path.is_dir():
             files = _dir_files(path)
         elif path.is_file():

@@ -47,6 +47,23 @@ def largest_ids(metas: list[dict]) -> dict[str, int | None]:
                        default=None) for split in SPLITS}
 
 
+def screening_totals(metas: list[dict]) -> dict:
+    """The shards' dedup and contamination as one corpus's: counts summed, evaluation documents joined."""
+    out: dict = {}
+    if all("dedup" in m for m in metas):
+        d = [m["dedup"] for m in metas]
+        out["dedup"] = {"method": d[0]["method"], "settings": d[0]["settings"],
+                        **{k: sum(x[k] for x in d) for k in ("documents_in", "documents_dropped", "bytes_dropped")}}
+    if all("contamination" in m for m in metas):
+        out["contamination"] = {}
+        for task, first in metas[0]["contamination"].items():
+            per = [m["contamination"].get(task, {}) for m in metas]
+            hits = sorted({e for p in per for e in p.get("eval_hits", [])})
+            out["contamination"][task] = {**first, "eval_documents_hit": len(hits), "eval_hits": hits,
+                                          "train_documents_hit": sum(p.get("train_documents_hit", 0) for p in per)}
+    return out
+
+
 def merge(dirs: list[Path], out: Path, overwrite: bool = False) -> Path:
     refuse_existing(out, overwrite)
     metas = [(d, read_meta(d)) for d in dirs]
@@ -83,6 +100,7 @@ def merge(dirs: list[Path], out: Path, overwrite: bool = False) -> Path:
             meta["tokenizer_fit"] = tokenizer_fit(counts, text_tokens, meta["train_bytes"] + meta["valid_bytes"])
         if all(m.get(FINGERPRINT) for _, m in metas):
             meta[FINGERPRINT] = first[FINGERPRINT]
+        meta.update(screening_totals([m for _, m in metas]))
         if all("max_token_id" in m for _, m in metas):  # likewise: training then reads the older shards' ids
             meta["max_token_id"] = largest_ids([m for _, m in metas])
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")

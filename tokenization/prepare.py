@@ -24,6 +24,7 @@ from . import PrepareError, __version__
 from .corpus import ReadOptions, Source, iter_documents, resolve_sources, total_file_bytes
 from .encode import MAX_PIECE_CHARS, Cutter, Encoder, encode_stream, pieces
 from .fit import FitCounter, check_keeps_text, print_fit, tokenizer_fit
+from .screen import check_args, screen, write_report, write_signatures
 from .split import ValidPicker, refuse_existing, split_ids, staging
 from .tokenizer import (TRAINED_BPE, id_dtype, keep_every_token, load_tokenizer, separator_id, tokenizer_fingerprint,
                         tokenizer_sha256)
@@ -52,6 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num_shards", type=int, default=1,
                    help="split the work across this many machines or processes (needs --tokenizer)")
     p.add_argument("--shard_index", type=int, default=0, help="which shard this process prepares (0-based)")
+    screening_args(p)
     args = p.parse_args(argv)
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
         raise PrepareError(f"--shard_index {args.shard_index} must be in [0, --num_shards {args.num_shards})")
@@ -66,7 +68,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise PrepareError(f"--val_fraction {args.val_fraction} must be between 0 and 0.5")
     if args.num_proc < 1:
         raise PrepareError("--num_proc must be at least 1")
+    check_args(args)
     return args
+
+
+def screening_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("duplicates and benchmark contamination (docs/tokenize.md)")
+    g.add_argument("--dedup", default="exact", help="drop duplicate documents before encoding, keeping the first: "
+                   "exact (normalised text; the default), minhash (near duplicates) or none")
+    g.add_argument("--dedup_threshold", type=float, default=0.75,
+                   help="minhash: estimated Jaccard similarity of word n-grams that makes a duplicate (default 0.75)")
+    g.add_argument("--dedup_ngram", type=int, default=5, help="minhash: words per n-gram (default 5)")
+    g.add_argument("--dedup_report", type=Path, default=None,
+                   help="write one JSON line per document left out (and the copy kept) to this file")
+    g.add_argument("--signatures_only", action="store_true",
+                   help="sharded dedup, step one: write this shard's signatures to --out, encode nothing")
+    g.add_argument("--dedup_signatures", default=None,
+                   help="sharded dedup, step two: the folder holding every shard's --signatures_only output")
+    g.add_argument("--decontaminate", default=None,
+                   help="lm-eval task names (as evaluate --tasks takes them): drop training documents that share "
+                        "an n-gram with their evaluation documents")
+    g.add_argument("--tasks_dir", default=None, help="folder of local lm-eval task YAMLs for --decontaminate")
+    g.add_argument("--decontaminate_ngram", type=int, default=13, help="words per n-gram (default 13)")
+    g.add_argument("--decontaminate_mode", default="drop", help="drop (default) or report: keep them, say so")
 
 def shard_plan(sources: list[Source], index: int, count: int) -> tuple[list[Source], tuple[int, int] | None, str]:
     """Which inputs this shard reads and which of their documents it keeps.
@@ -92,15 +116,21 @@ def prepare(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     refuse_existing(out, args.overwrite)
     opts = ReadOptions(args.text_field, args.doc_separator, args.errors, args.dataset_config, args.split)
-    sources, doc_shard, shard_by = shard_plan(resolve_sources(args.inputs, opts), args.shard_index, args.num_shards)
+    all_sources = resolve_sources(args.inputs, opts)
+    sources, doc_shard, shard_by = shard_plan(all_sources, args.shard_index, args.num_shards)
     os.environ["RAYON_NUM_THREADS"] = str(args.num_proc)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     with staging(out) as tmp:
-        tok, tokenizer_name = tokenizer_for(args, sources, opts, tmp / "tokenizer")
+        screening = screen(args, sources, all_sources, opts, doc_shard)
+        if args.signatures_only:
+            write_signatures(tmp, screening, args, sources)
+            return out
+        tok, tokenizer_name = tokenizer_for(args, sources, opts, tmp / "tokenizer", screening.drop)
         fingerprint = tokenizer_fingerprint(tok)  # before the clock starts, as meta.json's seconds always had it
         t0 = time.perf_counter()
         eos, dtype, picker = separator_id(tok), id_dtype(len(tok)), ValidPicker(args.val_fraction, args.seed)
-        stats, fit, cutter = encode_corpus(tok, tmp, sources, opts, doc_shard, args.num_proc, eos, dtype, picker)
+        stats, fit, cutter = encode_corpus(tok, tmp, sources, opts, doc_shard, args.num_proc, eos, dtype, picker,
+                                           screening.drop)
         if stats["documents"] == 0 and doc_shard is not None:
             raise PrepareError(f"shard {args.shard_index} of {args.num_shards} got no document: the corpus has fewer "
                                "documents than shards (a .txt is one document unless --doc_separator splits it)")
@@ -111,10 +141,13 @@ def prepare(args: argparse.Namespace) -> Path:
         meta["document_cuts"] = {"forced": cutter.forced, "space_dropped": cutter.drop_space,
                                  "newline": cutter.newline}
         meta["sources"] = [s.info() for s in sources]
+        meta.update(screening.meta)
         meta["seconds"] = round(time.perf_counter() - t0, 3)
         if args.num_shards > 1:
             meta["shard"] = {"index": args.shard_index, "count": args.num_shards, "by": shard_by}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if args.dedup_report:
+        write_report(args.dedup_report, screening.report)
     for src in sources:
         if src.documents == 1 and src.blank_lines >= PARAGRAPHS_WARN:
             print(f"warning: {src.name} became one document (a .txt is read whole without --doc_separator) and holds "
@@ -126,13 +159,15 @@ def prepare(args: argparse.Namespace) -> Path:
     return out
 
 
-def tokenizer_for(args: argparse.Namespace, sources: list[Source], opts: ReadOptions, tok_dir: Path) -> tuple[Any, str]:
+def tokenizer_for(args: argparse.Namespace, sources: list[Source], opts: ReadOptions, tok_dir: Path,
+                  drop: set[tuple[int, int]]) -> tuple[Any, str]:
     """The tokenizer named by --tokenizer, or a byte-level BPE trained on the corpus; saved to tok_dir,
     told to keep every token. Returns it with meta.json's name for it."""
     if args.tokenizer is None:
         from .bpe import train_bpe
 
-        train_bpe((p.text for p in pieces(iter_documents(sources, opts), Cutter())), args.vocab_size, tok_dir)
+        docs = (p for p in iter_documents(sources, opts) if p.doc not in drop)
+        train_bpe((p.text for p in pieces(docs, Cutter())), args.vocab_size, tok_dir)
         tok, name = load_tokenizer(str(tok_dir)), f"{TRAINED_BPE} (vocab {args.vocab_size})"
     else:
         tok, name = load_tokenizer(args.tokenizer), args.tokenizer
@@ -142,8 +177,9 @@ def tokenizer_for(args: argparse.Namespace, sources: list[Source], opts: ReadOpt
 
 
 def encode_corpus(tok: Any, tmp: Path, sources: list[Source], opts: ReadOptions, doc_shard: tuple[int, int] | None,
-                  num_proc: int, eos: int, dtype: np.dtype, picker: ValidPicker) -> tuple[dict, FitCounter, Cutter]:
-    """Every document of this shard encoded into tmp/all.bin, with a progress bar over the input bytes;
+                  num_proc: int, eos: int, dtype: np.dtype, picker: ValidPicker, drop: set[tuple[int, int]],
+                  ) -> tuple[dict, FitCounter, Cutter]:
+    """Every document of this shard but those dropped encoded into tmp/all.bin, with a progress bar over the input bytes;
     returns encode_stream's counts, the fit counter and the cutter (which counts its forced cuts)."""
     from tqdm.auto import tqdm
 
@@ -153,8 +189,8 @@ def encode_corpus(tok: Any, tmp: Path, sources: list[Source], opts: ReadOptions,
         fit = FitCounter(tok, len(tok), eos)
         bar = tqdm(total=total_file_bytes(sources), unit="B", unit_scale=True, desc="tokenize", disable=None)
         with open(tmp / "all.bin", "wb") as f:
-            stats = encode_stream(pieces(iter_documents(sources, opts, doc_shard), cutter), encoder, eos, dtype, f,
-                                  picker, bar, fit)
+            docs = (p for p in iter_documents(sources, opts, doc_shard) if p.doc not in drop)
+            stats = encode_stream(pieces(docs, cutter), encoder, eos, dtype, f, picker, bar, fit)
         bar.close()
     finally:
         encoder.close()
@@ -204,13 +240,34 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130
     meta = json.loads((out / "meta.json").read_text())
+    if "signatures" in meta:
+        sig = meta["signatures"]
+        print(f"wrote {out}/: {sig['method']} signatures of {plural(sig['documents'], 'document')} (shard "
+              f"{sig['shard_index']} of {sig['shard_count']}); next: prepare each shard with --dedup_signatures")
+        return 0
     print(
         f"wrote {out}/: {meta['train_tokens']:,} train + {meta['valid_tokens']:,} valid tokens "
         f"({meta['dtype']}, vocab {meta['vocab_size']:,}, {plural(meta['documents'], 'document')}, "
         f"split by {meta['split']}, {meta['bytes_per_token']:.2f} bytes per token)"
     )
+    for line in screening_lines(meta):
+        print(line)
     print_fit(meta["tokenizer_fit"], trained=args.tokenizer is None)
     return 0
+
+
+def screening_lines(meta: dict) -> list[str]:
+    """What dedup and decontamination did, a line each."""
+    lines = []
+    if "dedup" in meta:
+        d = meta["dedup"]
+        lines.append(f"dedup {d['method']}: dropped {d['documents_dropped']:,} of {d['documents_in']:,} documents "
+                     f"({d['bytes_dropped'] / 1e6:,.1f} MB) in {d['seconds']:.1f} s")
+    for task, c in meta.get("contamination", {}).items():
+        action = "dropped" if c["mode"] == "drop" else "kept (report mode)"
+        lines.append(f"contamination {task}: {c['train_documents_hit']:,} training documents share a {c['ngram']}-gram "
+                     f"with {c['eval_documents_hit']:,} of its {c['eval_documents']:,} documents; {action}")
+    return lines
 
 
 if __name__ == "__main__":

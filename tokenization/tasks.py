@@ -1,0 +1,65 @@
+"""lm-eval's tasks by name: the one loader shared by prepare's decontamination and evaluate's scoring,
+so the documents checked for overlap are the documents scored. lm-eval is imported inside the
+functions, so that it stays an optional dependency."""
+from __future__ import annotations
+
+import difflib
+import functools
+from pathlib import Path
+from typing import Any
+
+from . import PrepareError
+
+PIP_LINE = "pip install 'accel-pretrain[eval]' (or pip install lm-eval)"
+
+
+def require_lm_eval(what: str = "downstream tasks") -> None:
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        raise PrepareError(f"{what} need lm-evaluation-harness: {PIP_LINE}") from None
+
+
+@functools.cache
+def load_tasks(names: tuple[str, ...], tasks_dir: str | None) -> tuple[Any, dict[str, Any]]:
+    """lm-eval's TaskManager and the named tasks (groups and tags expand), each refused in one line
+    when unknown (with the closest names) or when its data cannot be had offline. Loaded once per
+    process: a run that scores every few hundred steps reads each task's data once."""
+    require_lm_eval()
+    import datasets
+
+    datasets.disable_progress_bars()  # the output a user reads is ours: no "Map:" or "Generating split" bars
+    if tasks_dir and not Path(tasks_dir).is_dir():
+        raise PrepareError(f"--tasks_dir {tasks_dir} is not a directory")
+    manager = task_manager(tasks_dir, defaults=False) if tasks_dir else None
+    if manager is not None:
+        refuse_unknown(names, manager.all_tasks, only_close=True)  # a misspelt local task: no 10 s index first
+    if manager is None or not set(names) <= set(manager.all_tasks):  # lm-eval's own tasks, or a mistake
+        manager = task_manager(tasks_dir)
+    refuse_unknown(names, manager.all_tasks)
+    try:
+        loaded = manager.load(list(names))
+    except ConnectionError as e:
+        raise PrepareError(f"task data is not available offline ({str(e).splitlines()[0][:200]}); write task YAMLs "
+                           "that read local files into a folder and pass --tasks_dir DIR (the repository's "
+                           "tests/tasks/ shows how)") from None
+    return manager, loaded
+
+
+def refuse_unknown(names: tuple[str, ...], known: list[str], only_close: bool = False) -> None:
+    """One line for a name that is not a task, with the closest names (only_close: only when there are some)."""
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+            if close or not only_close:
+                raise PrepareError(f"unknown task {name!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                             " (python -m lm_eval ls tasks lists them)"))
+
+
+@functools.cache
+def task_manager(tasks_dir: str | None, defaults: bool = True):  # noqa: ANN201
+    """lm-eval's index of its 14,000-odd tasks (and tasks_dir's), built once per process: about 10 s.
+    With defaults=False tasks_dir's alone: a fraction of a second, enough when every task named is there."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=tasks_dir, include_defaults=defaults) if tasks_dir else TaskManager()
