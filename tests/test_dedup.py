@@ -217,3 +217,27 @@ def test_dedup_of_prepared_data_says_to_prepare_again(tmp_path, data_dir, capsys
     assert main([str(data_dir), "--dedup", "minhash", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert "is prepared data, not text" in err and "run prepare again on the corpus" in err
+
+
+def test_groups_join_across_bands_and_keep_their_smallest_member():
+    """The vectorised grouping against a plain union-find, on random edges given in several rounds
+    (one per LSH band): every document ends labelled with the smallest index of its group."""
+    from tokenization.dedup import _components
+
+    rng = np.random.default_rng(0)
+    n = 500
+    parent = list(range(n))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    label = np.arange(n)
+    for _ in range(6):
+        a, b = rng.integers(0, n, 120), rng.integers(0, n, 120)
+        label = _components(label, a, b)
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = root(x), root(y)
+            parent[max(rx, ry)] = min(rx, ry)
+        assert label.tolist() == [root(i) for i in range(n)]

@@ -45,7 +45,7 @@ def gold_answer(task: Any, doc: dict) -> str:
     return _text(target[0] if isinstance(target, list) and target else target)
 
 
-def task_documents(task: Any) -> list[list[str]]:
+def task_documents(task: Any) -> list[list[bytes]]:
     """The normalised words of each evaluation document of a task, template words left out."""
     docs = list(task.eval_docs)
     prompts = [normalized_words(prompt(task, d)) for d in docs]

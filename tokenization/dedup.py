@@ -7,9 +7,11 @@ equal band are candidates, a candidate whose estimated Jaccard similarity to its
 document reaches the threshold is joined to it, and each group keeps its earliest document. A
 document's id is (source ordinal, index in the source), so the signatures of shards, concatenated
 and sorted, are those of the whole corpus: a sharded preparation drops what an unsharded one drops.
-Memory: 40 bytes per document, plus the MinHash rows (448 bytes per document) in a file on disk."""
+Memory grows with the number of documents, not their bytes: about 100 bytes per document (exact),
+plus 448 for the MinHash row (minhash); BENCHMARKS.md has the peak on 1 GB."""
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -89,10 +91,9 @@ class Signer:
 
     def __init__(self, settings: DedupSettings):
         self.s = settings
-        self.ids: list[tuple[int, int]] = []
-        self.sizes: list[int] = []
-        self.words: list[int] = []
-        self.keys: list[np.ndarray] = []
+        self.columns = {k: array.array("q") for k in ("source", "index", "sizes", "words")}  # 8 bytes a value
+        width, dtype = (2, np.uint64) if settings.method == "exact" else (settings.num_perm, np.uint32)
+        self.keys = np.zeros((1024, width), dtype)  # grown by doubling: no Python object per document
         self._start()
 
     def _start(self) -> None:
@@ -107,7 +108,7 @@ class Signer:
         self._count += len(words)
         self._size += size_of(part.text)
         if self.s.method == "exact":
-            self._blake.update(" ".join(words).encode() + b" ")
+            self._blake.update(b" ".join(words) + b" ")
         else:
             if self._count < self.s.ngram:
                 self._head = hashes  # a short document's words so far (the carry holds them all)
@@ -130,17 +131,18 @@ class Signer:
             if 0 < self._count < self.s.ngram:
                 self._fold(ngram_hashes(self._head, self._count))
             key = self._min
-        self.ids.append(doc)
-        self.sizes.append(self._size)
-        self.words.append(self._count)
-        self.keys.append(key)
+        c = self.columns
+        n = len(c["index"])
+        if n == len(self.keys):
+            self.keys = np.concatenate([self.keys, np.zeros_like(self.keys)])
+        self.keys[n] = key
+        for name, value in zip(c, (*doc, self._size, self._count)):
+            c[name].append(value)
         self._start()
 
     def signatures(self) -> Signatures:
-        width, dtype = (2, np.uint64) if self.s.method == "exact" else (self.s.num_perm, np.uint32)
-        keys = np.stack(self.keys) if self.keys else np.zeros((0, width), dtype)
-        return Signatures(np.array(self.ids, np.int64).reshape(-1, 2), np.array(self.sizes, np.int64),
-                          np.array(self.words, np.int64), keys)
+        c = {k: np.frombuffer(v, np.int64) if len(v) else np.zeros(0, np.int64) for k, v in self.columns.items()}
+        return Signatures(np.stack([c["source"], c["index"]], 1), c["sizes"], c["words"], self.keys[:len(c["index"])])
 
 
 def sign(parts: Iterable[DocPart], settings: DedupSettings) -> Signatures:
@@ -159,11 +161,23 @@ def _first_of_groups(keys: np.ndarray) -> np.ndarray:
     return first[inverse]
 
 
-def _root(parent: np.ndarray, i: int) -> int:
-    while parent[i] != i:
-        parent[i] = parent[parent[i]]
-        i = parent[i]
-    return i
+def _components(label: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Joins the groups of documents a[i] and b[i] in the grouping `label` (each document's label is
+    its group's smallest index): minimum-label propagation over the groups' roots with pointer
+    jumping, vectorised; then every document follows its old root."""
+    root = label.copy()
+    ra, rb = label[a], label[b]
+    while len(a):
+        low = np.minimum(root[ra], root[rb])
+        joined = root.copy()
+        np.minimum.at(joined, ra, low)
+        np.minimum.at(joined, rb, low)
+        while not np.array_equal(joined[joined], joined):
+            joined = joined[joined]
+        if np.array_equal(joined, root):
+            break
+        root = joined
+    return root[label]
 
 
 def kept_copies(sig: Signatures, settings: DedupSettings) -> np.ndarray:
@@ -173,39 +187,40 @@ def kept_copies(sig: Signatures, settings: DedupSettings) -> np.ndarray:
     has_words = sig.words > 0
     bands = [sig.keys] if settings.method == "exact" else \
         [sig.keys[:, i:i + settings.rows] for i in range(0, settings.num_perm, settings.rows)]
-    parent = np.arange(n)
+    label = np.arange(n)
     for band in bands:
+        if not n:
+            break
         first = _first_of_groups(band)
         pairs = np.flatnonzero((first != np.arange(n)) & has_words & has_words[first])
         if settings.method == "minhash" and len(pairs):
             similar = np.concatenate([(sig.keys[c] == sig.keys[first[c]]).mean(1) >= settings.threshold
                                       for c in np.array_split(pairs, max(1, len(pairs) // 4096))])
             pairs = pairs[similar]
-        for i in pairs:  # union, the smaller index as the root: the earliest copy stays
-            a, b = _root(parent, int(i)), _root(parent, int(first[i]))
-            if a != b:
-                parent[max(a, b)] = min(a, b)
-    return np.array([_root(parent, i) for i in range(n)], np.int64) if n else parent
+        label = _components(label, pairs, first[pairs])
+    return label
 
 
 @dataclass
-class DropPlan:
-    """What a preparation leaves out: document id -> why (the kept copy's id, or the tasks it contains)."""
+class Plan:
+    """Which documents go: kept[i] is the index of the copy document i keeps (itself when it stays)."""
 
-    duplicates: dict[tuple[int, int], tuple[int, int]]
-    similarity: dict[tuple[int, int], float]
+    sig: Signatures
+    kept: np.ndarray
     stats: dict
 
+    @property
+    def dropped(self) -> np.ndarray:
+        return np.flatnonzero(self.kept != np.arange(len(self.kept)))
 
-def plan(sig: Signatures, settings: DedupSettings) -> DropPlan:
+
+def plan(sig: Signatures, settings: DedupSettings) -> Plan:
     kept = kept_copies(sig, settings)
-    dropped = np.flatnonzero(kept != np.arange(len(kept)))
-    ids = [tuple(map(int, row)) for row in sig.ids]
-    duplicates = {ids[i]: ids[kept[i]] for i in dropped}
-    similarity = {ids[i]: float((sig.keys[i] == sig.keys[kept[i]]).mean()) for i in dropped}
-    stats = {"method": settings.method, "settings": settings.info(), "documents_in": len(ids),
-             "documents_dropped": len(dropped), "bytes_dropped": int(sig.sizes[dropped].sum())}
-    return DropPlan(duplicates, similarity, stats)
+    found = Plan(sig, kept, {})
+    dropped = found.dropped
+    found.stats = {"method": settings.method, "settings": settings.info(), "documents_in": len(kept),
+                   "documents_dropped": len(dropped), "bytes_dropped": int(sig.sizes[dropped].sum())}
+    return found
 
 
 def shard_signatures(folder: Path, settings: DedupSettings, count: int, names: list[str]) -> Signatures:

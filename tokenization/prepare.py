@@ -24,7 +24,7 @@ from . import PrepareError, __version__
 from .corpus import ReadOptions, Source, iter_documents, resolve_sources, total_file_bytes
 from .encode import MAX_PIECE_CHARS, Cutter, Encoder, encode_stream, pieces
 from .fit import FitCounter, check_keeps_text, print_fit, tokenizer_fit
-from .screen import check_args, screen, write_report, write_signatures
+from .screen import DropSet, check_args, screen, write_report, write_signatures
 from .split import ValidPicker, refuse_existing, split_ids, staging
 from .tokenizer import (TRAINED_BPE, id_dtype, keep_every_token, load_tokenizer, separator_id, tokenizer_fingerprint,
                         tokenizer_sha256)
@@ -147,7 +147,7 @@ def prepare(args: argparse.Namespace) -> Path:
             meta["shard"] = {"index": args.shard_index, "count": args.num_shards, "by": shard_by}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     if args.dedup_report:
-        write_report(args.dedup_report, screening.report)
+        write_report(args.dedup_report, screening.report(all_sources))
     for src in sources:
         if src.documents == 1 and src.blank_lines >= PARAGRAPHS_WARN:
             print(f"warning: {src.name} became one document (a .txt is read whole without --doc_separator) and holds "
@@ -160,7 +160,7 @@ def prepare(args: argparse.Namespace) -> Path:
 
 
 def tokenizer_for(args: argparse.Namespace, sources: list[Source], opts: ReadOptions, tok_dir: Path,
-                  drop: set[tuple[int, int]]) -> tuple[Any, str]:
+                  drop: DropSet) -> tuple[Any, str]:
     """The tokenizer named by --tokenizer, or a byte-level BPE trained on the corpus; saved to tok_dir,
     told to keep every token. Returns it with meta.json's name for it."""
     if args.tokenizer is None:
@@ -177,7 +177,7 @@ def tokenizer_for(args: argparse.Namespace, sources: list[Source], opts: ReadOpt
 
 
 def encode_corpus(tok: Any, tmp: Path, sources: list[Source], opts: ReadOptions, doc_shard: tuple[int, int] | None,
-                  num_proc: int, eos: int, dtype: np.dtype, picker: ValidPicker, drop: set[tuple[int, int]],
+                  num_proc: int, eos: int, dtype: np.dtype, picker: ValidPicker, drop: DropSet,
                   ) -> tuple[dict, FitCounter, Cutter]:
     """Every document of this shard but those dropped encoded into tmp/all.bin, with a progress bar over the input bytes;
     returns encode_stream's counts, the fit counter and the cutter (which counts its forced cuts)."""

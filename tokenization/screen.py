@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -26,10 +27,16 @@ MODES = ("drop", "report")
 
 @dataclass
 class Screening:
-    drop: set[tuple[int, int]] = field(default_factory=set)
+    drop: "DropSet" = field(default_factory=lambda: DropSet())
     meta: dict = field(default_factory=dict)
-    report: list[dict] = field(default_factory=list)
+    contaminated: list[dict] = field(default_factory=list)  # report rows
+    duplicates: tuple | None = None  # (signatures, kept, dropped) for the report rows
     signatures: Signatures | None = None
+
+    def report(self, sources: list[Source]) -> Iterator[dict]:
+        if self.duplicates:
+            yield from duplicate_rows(sources, *self.duplicates)
+        yield from self.contaminated
 
 
 def settings_of(args: argparse.Namespace) -> DedupSettings:
@@ -55,7 +62,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def doc_name(sources: list[Source], doc: tuple[int, int]) -> dict:
-    return {"source": sources[doc[0]].name, "document": doc[1]}
+    return {"source": sources[int(doc[0])].name, "document": int(doc[1])}
 
 
 def screen(args: argparse.Namespace, sources: list[Source], all_sources: list[Source], opts: ReadOptions,
@@ -108,17 +115,46 @@ def _mine(sig: Signatures, sources: list[Source], doc_shard: tuple[int, int] | N
     return np.isin(sig.ids[:, 0], [s.ordinal for s in sources])
 
 
+class DropSet:
+    """Document ids to leave out, as one flag per document of each source (a set of tuples would
+    cost a hundred bytes per document on a corpus of millions)."""
+
+    def __init__(self) -> None:
+        self.flags: dict[int, np.ndarray] = {}
+
+    def add_many(self, ids: np.ndarray) -> None:
+        for source in np.unique(ids[:, 0]) if len(ids) else []:
+            index = ids[ids[:, 0] == source, 1]
+            old = self.flags.get(int(source), np.zeros(0, bool))
+            flags = np.zeros(max(len(old), int(index.max()) + 1), bool)
+            flags[:len(old)] = old
+            flags[index] = True
+            self.flags[int(source)] = flags
+
+    def __contains__(self, doc: tuple[int, int]) -> bool:
+        flags = self.flags.get(doc[0])
+        return flags is not None and doc[1] < len(flags) and bool(flags[doc[1]])
+
+    def __len__(self) -> int:
+        return int(sum(f.sum() for f in self.flags.values()))
+
+
 def _dedup(out: Screening, sig: Signatures, settings: DedupSettings, mine: np.ndarray,
            sources: list[Source]) -> None:
     found = plan(sig, settings)
-    mine_ids = {tuple(map(int, row)) for row in sig.ids[mine]}
-    dropped = {d: k for d, k in found.duplicates.items() if d in mine_ids}
-    out.drop |= set(dropped)
-    sizes = dict(zip(map(tuple, sig.ids[mine].tolist()), sig.sizes[mine].tolist()))
-    out.meta["dedup"] = {**found.stats, "documents_in": len(mine_ids), "documents_dropped": len(dropped),
-                         "bytes_dropped": sum(sizes[d] for d in dropped)}
-    out.report += [{"reason": "duplicate", "dropped": doc_name(sources, d), "kept": doc_name(sources, k),
-                    "similarity": round(found.similarity[d], 4)} for d, k in sorted(dropped.items())]
+    dropped = found.dropped[mine[found.dropped]]  # this shard's
+    out.drop.add_many(sig.ids[dropped])
+    out.meta["dedup"] = {**found.stats, "documents_in": int(mine.sum()), "documents_dropped": len(dropped),
+                         "bytes_dropped": int(sig.sizes[dropped].sum())}
+    out.duplicates = (sig, found.kept, dropped)
+
+
+def duplicate_rows(sources: list[Source], sig: Signatures, kept: np.ndarray, dropped: np.ndarray) -> Iterator[dict]:
+    for i in dropped:
+        k = kept[i]
+        yield {"reason": "duplicate", "dropped": doc_name(sources, tuple(sig.ids[i])),
+               "kept": doc_name(sources, tuple(sig.ids[k])),
+               "similarity": round(float((sig.keys[i] == sig.keys[k]).mean()), 4)}
 
 
 def _contamination(out: Screening, checker: Checker, mode: str, sources: list[Source]) -> None:
@@ -129,10 +165,10 @@ def _contamination(out: Screening, checker: Checker, mode: str, sources: list[So
         tasks: dict[str, list[int]] = {}
         for t, e in sorted(found):
             tasks.setdefault(names[t], []).append(e)
-        out.report.append({"reason": "contamination", "document": doc_name(sources, doc), "tasks": tasks,
-                           "dropped": mode == "drop"})
+        out.contaminated.append({"reason": "contamination", "document": doc_name(sources, doc), "tasks": tasks,
+                                 "dropped": mode == "drop"})
         if mode == "drop":
-            out.drop.add(doc)
+            out.drop.add_many(np.array([doc]))
 
 
 def write_signatures(tmp: Path, screening: Screening, args: argparse.Namespace, sources: list[Source]) -> None:
@@ -145,9 +181,10 @@ def write_signatures(tmp: Path, screening: Screening, args: argparse.Namespace, 
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def write_report(path: Path, rows: list[dict]) -> None:
+def write_report(path: Path, rows: Iterator[dict]) -> None:
     """--dedup_report: one JSON line per document left out (or found and kept), written whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     tmp.replace(path)

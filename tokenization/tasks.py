@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,17 @@ def load_tasks(names: tuple[str, ...], tasks_dir: str | None) -> tuple[Any, dict
     if manager is None or not set(names) <= set(manager.all_tasks):  # lm-eval's own tasks, or a mistake
         manager = task_manager(tasks_dir)
     refuse_unknown(names, manager.all_tasks)
+    lm_eval_log = logging.getLogger("lm_eval")
+    level = lm_eval_log.level
+    lm_eval_log.setLevel(logging.ERROR)  # its notes on task configs are not for our users
     try:
         loaded = manager.load(list(names))
     except ConnectionError as e:
         raise PrepareError(f"task data is not available offline ({str(e).splitlines()[0][:200]}); write task YAMLs "
                            "that read local files into a folder and pass --tasks_dir DIR (the repository's "
                            "tests/tasks/ shows how)") from None
+    finally:
+        lm_eval_log.setLevel(level)
     return manager, loaded
 
 
