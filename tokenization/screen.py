@@ -135,9 +135,6 @@ class DropSet:
         flags = self.flags.get(doc[0])
         return flags is not None and doc[1] < len(flags) and bool(flags[doc[1]])
 
-    def __len__(self) -> int:
-        return int(sum(f.sum() for f in self.flags.values()))
-
 
 def _dedup(out: Screening, sig: Signatures, settings: DedupSettings, mine: np.ndarray,
            sources: list[Source]) -> None:
