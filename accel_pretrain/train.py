@@ -492,6 +492,8 @@ def log_step(run: Run, result: StepResult, done: int) -> None:
               "elapsed_s": run.state.get("elapsed_s", 0.0) + now - run.t_start}
     if accelerator.scaler is not None:
         record["skipped_step"] = bool(run.skipped)
+    if accelerator.device.type == "cuda":  # the allocator's own count: no device sync
+        record["peak_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
     run.log.write(record)
     if (spike := run.spikes.check(record["loss"])) and accelerator.is_main_process:
         run.log.write({"event": "spike", "step": done, "median": spike})  # the step's own line has the loss
@@ -530,10 +532,13 @@ def timed(run: Run, what: str, action: Callable[[], Any]) -> Any:
 
 
 def evaluate_step(run: Run, done: int) -> dict[str, float]:
-    """Validation loss on the fixed windows, each rank scoring its share."""
+    """Validation loss on the fixed windows, each rank scoring its share. The model unwrapped: under
+    --compile eager, as `evaluate` scores a checkpoint (the same val_loss), with no second compilation
+    for eval mode (on an H200, gpt2-124m's first eval and save took 35 s with one, and the ETA counted
+    that for each eval to come)."""
     cfg, accelerator = run.cfg, run.accelerator
     mb = cfg.micro_batch_size
-    loss_sum, count = score(run.model, run.data.valid, cfg.block_size, mb, cfg.eval_iters * mb, accelerator.device,
+    loss_sum, count = score(run.bare_model, run.data.valid, cfg.block_size, mb, cfg.eval_iters * mb, accelerator.device,
                             accelerator.process_index, accelerator.num_processes, run.eos)
     m = metrics(accelerator.reduce(loss_sum, "sum").item(), accelerator.reduce(count, "sum").item(),
                 run.data.bytes_per_token)

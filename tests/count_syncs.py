@@ -9,17 +9,20 @@ accumulate() reaches DDP's no_sync).
 
 The optimizer is built as on a GPU (fused AdamW, whose step counts stay tensors), since on a CPU
 torch's AdamW reads its step count with .item() (a host tensor there, and on a GPU unfused too).
-Under --compile the backend is aot_eager: dynamo's DDP graph splitting and AOT autograd as under
+Under --compile on a CPU the backend is aot_eager: dynamo's DDP graph splitting and AOT autograd as under
 inductor, without inductor's C++ build (which module the compiled forward goes through does not
 depend on the backend).
 Each rank writes OUT.json.rankN: {"step": [value reads, collectives on the default group, others,
 all-reduced backward passes]};
-a step counts from its get_batch to the next one, its periodic actions included."""
+a step counts from its get_batch to the next one, its periodic actions included.
+On a GPU the first count is of every call that makes the host wait for the device, as torch's CUDA
+sync debug mode reports them (value reads among them), and --compile compiles through inductor."""
 from __future__ import annotations
 
 import json
 import os
 import sys
+import warnings
 from collections import defaultdict
 from contextlib import contextmanager
 from typing import Iterator
@@ -84,13 +87,27 @@ def counting() -> Iterator[dict[int, list[int]]]:
         current[0] = step + 1
         return get_batch(run, step)
 
+    def cuda_sync(message, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if "synchronizing CUDA operation" in str(message):
+            counts[current[0]][0] += 1
+
     for name, original in saved.items():
         setattr(dist, name, counted(original))
     train.build_optimizer = lambda model, cfg, fused: build_optimizer(model, cfg, fused=True)
     train.get_batch = marked_get_batch
     try:
-        with ValueReads(counts, current):
-            yield counts
+        if torch.cuda.is_available():  # the driver's own list of waits: value reads and every other sync
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.showwarning = cuda_sync
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    yield counts
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+        else:
+            with ValueReads(counts, current):
+                yield counts
     finally:
         for name, original in saved.items():
             setattr(dist, name, original)
@@ -100,7 +117,7 @@ def counting() -> Iterator[dict[int, list[int]]]:
 
 def main() -> None:
     out, argv = sys.argv[1], sys.argv[2:]
-    if "--compile" in argv:
+    if "--compile" in argv and not torch.cuda.is_available():
         compile_through("aot_eager")
     with counting() as counts:
         code = train.main(argv)

@@ -304,27 +304,38 @@ def test_activation_checkpointing_gives_the_plain_gradients_and_run(tmp_path, da
     assert json.loads((recomputed / "config.json").read_text())["activation_checkpointing"] is True
 
 
-def test_activation_checkpointing_under_compile(tmp_path, data_dir, trained_run):
+def test_activation_checkpointing_under_compile(tmp_path, data_dir, trained_run, capsys, monkeypatch):
     """The checkpointed model compiles through inductor as one graph (fullgraph), equal to eager; then
     --activation_checkpointing with --compile (Accelerate's inductor backend: the recomputed blocks are
-    compiled too, here from inductor's cache of that graph; --eval_tasks scores the plain module
-    meanwhile) ends within float tolerance of the plain eager run of the same flags (conftest's
-    trained_run). Under DDP checkpointing is bit-identical to the plain run: test_cluster's SLURM test."""
+    compiled too, here from inductor's cache of that graph; --eval_tasks and the validation loss score
+    the plain module meanwhile, so `evaluate` reproduces the logged val_loss bit for bit) ends within
+    float tolerance of the plain eager run of the same flags (conftest's trained_run). Under DDP
+    checkpointing is bit-identical to the plain run: test_cluster's SLURM test."""
+    import accel_pretrain.train as train_module
+    from accel_pretrain import evaluate
     from accel_pretrain.tracking import read_log
     from tests.helpers import weights
     from tests.test_model import assert_compiles_like_eager
 
     assert_compiles_like_eager(checkpoint_blocks=True, backend="inductor")
+    scored = []
+    score = train_module.score
+    monkeypatch.setattr(train_module, "score", lambda model, *a: scored.append(type(model).__name__) or score(model, *a))
 
     compiled = tmp_path / "compiled"
     tasks = ["--eval_tasks", "hellaswag_local", "--eval_tasks_dir", ROOT / "tests" / "tasks", "--eval_tasks_limit", 4]
     assert train("--data", data_dir, "--out", compiled, *TINY, "--max_steps", 6, "--eval_interval", 6,
                  "--save_interval", 6, "--compile", "--activation_checkpointing", *tasks) == 0
     assert [r["step"] for r in read_log(compiled / "train_log.jsonl") if "tasks/hellaswag_local/acc" in r] == [6]
+    assert scored == ["Transformer"]  # not the compiled wrapper: no second compilation for eval mode
     losses = [[r["loss"] for r in read_log(run / "train_log.jsonl") if "loss" in r] for run in (trained_run, compiled)]
     assert len(losses[1]) == 6 and losses[1] == pytest.approx(losses[0], rel=1e-6)
     a, b = weights(list_checkpoints(trained_run)[-1]), weights(list_checkpoints(compiled)[-1])
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)  # AdamW moves weights by 3e-3 a step
+    capsys.readouterr()
+    assert run_cli(evaluate.main, [str(compiled), "--data", str(data_dir), "--max_windows", "8"]) == 0
+    logged = next(r["val_loss"] for r in read_log(compiled / "train_log.jsonl") if "val_loss" in r)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["loss"] == logged
 
 
 def test_spike_watch_flags_a_jump_once_and_not_the_noise():

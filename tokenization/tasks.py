@@ -33,8 +33,6 @@ def load_tasks(names: tuple[str, ...], tasks_dir: str | None) -> tuple[Any, dict
     if tasks_dir and not Path(tasks_dir).is_dir():
         raise PrepareError(f"--tasks_dir {tasks_dir} is not a directory")
     manager = task_manager(tasks_dir, defaults=False) if tasks_dir else None
-    if manager is not None:
-        refuse_unknown(names, manager.all_tasks, only_close=True)  # a misspelt local task: no 10 s index first
     if manager is None or not set(names) <= set(manager.all_tasks):  # lm-eval's own tasks, or a mistake
         manager = task_manager(tasks_dir)
     refuse_unknown(names, manager.all_tasks)
@@ -52,14 +50,13 @@ def load_tasks(names: tuple[str, ...], tasks_dir: str | None) -> tuple[Any, dict
     return manager, loaded
 
 
-def refuse_unknown(names: tuple[str, ...], known: list[str], only_close: bool = False) -> None:
-    """One line for a name that is not a task, with the closest names (only_close: only when there are some)."""
+def refuse_unknown(names: tuple[str, ...], known: list[str]) -> None:
+    """One line for a name that is not a task, with the closest names."""
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
-            if close or not only_close:
-                raise PrepareError(f"unknown task {name!r}" + (f"; did you mean {', '.join(close)}?" if close else
-                                                             " (python -m lm_eval ls tasks lists them)"))
+            raise PrepareError(f"unknown task {name!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                         " (python -m lm_eval ls tasks lists them)"))
 
 
 @functools.cache
