@@ -85,6 +85,9 @@ class Signatures:
                                         for k in ("sizes", "words", "keys")))
 
 
+BLOCK = 16384  # documents per block of signatures
+
+
 class Signer:
     """Signs documents as their parts stream by (a document of any size: MinHash is the minimum over
     its n-grams, so parts combine by an element-wise minimum)."""
@@ -93,8 +96,9 @@ class Signer:
         self.s = settings
         self.columns = {k: array.array("q") for k in ("source", "index", "sizes", "words")}  # 8 bytes a value
         width, dtype = (2, np.uint64) if settings.method == "exact" else (settings.num_perm, np.uint32)
-        self.keys = np.zeros((1024, width), dtype)  # grown by doubling: no Python object per document
-        self._start()
+        self._blank = np.zeros((BLOCK, width), dtype)
+        self._blocks: list[np.ndarray] = []  # keys in blocks of BLOCK rows: no Python object per document,
+        self._start()                        # and no copy of them all while they grow
 
     def _start(self) -> None:
         self._words = DocWords(self.s.ngram - 1 if self.s.method == "minhash" else 0)
@@ -133,16 +137,21 @@ class Signer:
             key = self._min
         c = self.columns
         n = len(c["index"])
-        if n == len(self.keys):
-            self.keys = np.concatenate([self.keys, np.zeros_like(self.keys)])
-        self.keys[n] = key
+        if n == len(self._blocks) * BLOCK:
+            self._blocks.append(self._blank.copy())
+        self._blocks[-1][n % BLOCK] = key
         for name, value in zip(c, (*doc, self._size, self._count)):
             c[name].append(value)
         self._start()
 
     def signatures(self) -> Signatures:
+        """Everything signed, once: the blocks are handed over as they are copied."""
         c = {k: np.frombuffer(v, np.int64) if len(v) else np.zeros(0, np.int64) for k, v in self.columns.items()}
-        return Signatures(np.stack([c["source"], c["index"]], 1), c["sizes"], c["words"], self.keys[:len(c["index"])])
+        n = len(c["index"])
+        keys = np.empty((n, self._blank.shape[1]), self._blank.dtype)
+        for start in range(0, n, BLOCK):  # each block freed as it is copied: the keys are held once, plus a block
+            keys[start:start + BLOCK] = self._blocks.pop(0)[:n - start]
+        return Signatures(np.stack([c["source"], c["index"]], 1), c["sizes"], c["words"], keys)
 
 
 def sign(parts: Iterable[DocPart], settings: DedupSettings) -> Signatures:
