@@ -29,8 +29,10 @@ def load_tasks(names: list[str], tasks_dir: str | None) -> tuple[Any, dict[str, 
 def contamination(data: str | None, names: list[str]) -> dict[str, dict[str, int]]:
     """The tasks among `names` that the training data was found to contain and kept (prepare
     --decontaminate ... --decontaminate_mode report), from its meta.json: {task: {eval_documents_hit,
-    train_documents_hit}}, summed over a mixture's directories. Unreadable data says nothing."""
-    found: dict[str, dict[str, int]] = {}
+    train_documents_hit}} over a mixture's directories (an evaluation document found in two of them
+    counted once). Unreadable data says nothing."""
+    hits: dict[str, set[int]] = {}
+    train: dict[str, int] = {}
     for path, _ in given_weights(data) if data else []:
         try:
             meta = json.loads((Path(path) / "meta.json").read_text())
@@ -38,10 +40,9 @@ def contamination(data: str | None, names: list[str]) -> dict[str, dict[str, int
             continue
         for task, c in meta.get("contamination", {}).items():
             if task in names and c.get("mode") == "report" and c.get("train_documents_hit"):
-                seen = found.setdefault(task, {"eval_documents_hit": 0, "train_documents_hit": 0})
-                for key in seen:
-                    seen[key] += c[key]
-    return found
+                hits.setdefault(task, set()).update(c["eval_hits"])
+                train[task] = train.get(task, 0) + c["train_documents_hit"]
+    return {t: {"eval_documents_hit": len(hits[t]), "train_documents_hit": train[t]} for t in hits}
 
 
 def warn_contaminated(found: dict[str, dict[str, int]]) -> list[str]:
@@ -95,16 +96,18 @@ def run_tasks(lm: Any, names: list[str], tasks_dir: str | None, limit: int | Non
 
 
 def table(scores: dict[str, Any]) -> str:
-    """task | metric | value | stderr | random, one line per metric."""
+    """task | metric | value | stderr | random, one line per metric; a task the training data was
+    found to contain is marked where its score is read."""
     rows = [("task", "metric", "value", "stderr", "random")]
     for task, metrics in sorted(scores["results"].items()):
+        name = f"{task} [contaminated]" if task in scores.get("contaminated", {}) else task
         for key, value in sorted(metrics.items()):
             if "_stderr" in key or not isinstance(value, (int, float)):
                 continue
             metric = key.split(",")[0]
             stderr = metrics.get(key.replace(",", "_stderr,", 1))
             random = scores["random"].get(task) if metric in ("acc", "acc_norm") else None
-            rows.append((task, metric, f"{value:.4f}", f"{stderr:.4f}" if isinstance(stderr, float) else "",
+            rows.append((name, metric, f"{value:.4f}", f"{stderr:.4f}" if isinstance(stderr, float) else "",
                          f"{random:.4f}" if random is not None else ""))
     if scores.get("core") is not None:
         rows.append(("CORE", "centered acc", f"{scores['core']:.4f}", "", "0.0000"))

@@ -308,9 +308,10 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
 
 def contaminated_tasks(run: Run) -> None:
     """--eval_tasks that the data was found to contain: a warning each, and a train_log.jsonl event."""
-    from .downstream import contamination, warn_contaminated
+    from .downstream import contamination, load_tasks, warn_contaminated
 
-    found = contamination(run.cfg.data, task_names(run.cfg))
+    _, loaded = load_tasks(task_names(run.cfg), run.cfg.eval_tasks_dir)  # groups and tags as their tasks (cached)
+    found = contamination(run.cfg.data, list(loaded["tasks"]))
     if found:
         run.log.write({"event": "contaminated", "step": run.start_step, "tasks": found})
         if run.accelerator.is_main_process:

@@ -77,6 +77,22 @@ def test_exact_and_near_duplicates_drop_whole_documents_keeping_the_first(tmp_pa
     assert (m["ngram"], m["num_perm"], m["bands"], m["rows"], m["threshold"]) == (5, 112, 14, 8, 0.75)
 
 
+def test_text_pasted_from_another_source_is_the_same_words():
+    """Composed and decomposed accents, full-width letters, ligatures, soft hyphens and zero-width
+    spaces (NFKC, format characters removed): the same words, so the same exact key and n-grams."""
+    import unicodedata
+
+    from tokenization.corpus import DocPart
+    from tokenization.dedup import DedupSettings, sign
+
+    text = "Le café de l'été: une ﬁne crème brûlée, servie à ＧＥＮÈＶＥ. " * 3
+    other = unicodedata.normalize("NFD", text).replace("crème", "cr\u00adème").replace("une ", "une\u200b ")
+    assert other != text
+    for method in ("exact", "minhash"):
+        keys = sign([DocPart(t, True, (0, i)) for i, t in enumerate((text, other))], DedupSettings(method)).keys
+        assert np.array_equal(keys[0], keys[1])
+
+
 def test_a_document_in_parts_signs_as_the_whole_one():
     """A long .txt document arrives in parts cut anywhere (even inside a word): its signature is the
     one of the whole text, for both methods."""
@@ -114,9 +130,9 @@ def test_sharded_dedup_in_two_steps_equals_the_unsharded_one(tmp_path, data_dir,
         common = [*map(str, inputs), "--tokenizer", tok, "--dedup", "minhash", "--num_shards", str(shards)]
         assert main([*common, "--shard_index", "0", "--out", str(tmp_path / "x")]) == 2
         assert "needs every shard's signatures" in capsys.readouterr().err
-        for i in range(shards):
-            assert main([*common, "--shard_index", str(i), "--signatures_only",
-                         "--out", str(tmp_path / f"{name}_sigs" / f"s{i}")]) == 0
+        for i in range(shards):  # signing encodes nothing: no tokenizer needed
+            assert main([*map(str, inputs), "--dedup", "minhash", "--num_shards", str(shards), "--shard_index", str(i),
+                         "--signatures_only", "--out", str(tmp_path / f"{name}_sigs" / f"s{i}")]) == 0
         parts = []
         for i in range(shards):
             parts.append(tmp_path / f"{name}_shard{i}")
@@ -125,13 +141,24 @@ def test_sharded_dedup_in_two_steps_equals_the_unsharded_one(tmp_path, data_dir,
             assert meta(parts[-1])["shard"]["by"] == name
         assert merge([*map(str, parts), "--out", str(tmp_path / f"{name}_merged")]) == 0
         merged = meta(tmp_path / f"{name}_merged")
-        assert merged["dedup"] == {k: v for k, v in meta(whole)["dedup"].items() if k != "seconds"}
+        assert merged["dedup"] == {**{k: v for k, v in meta(whole)["dedup"].items() if k != "seconds"},
+                                   "across_inputs": True}
         for a, b in zip(ids(whole), ids(tmp_path / f"{name}_merged")):  # by document: shards interleave
             assert np.array_equal(a, b) if name == "file" else np.array_equal(np.sort(a), np.sort(b))
     capsys.readouterr()
-    assert main([*map(str, files), "--tokenizer", tok, "--dedup", "exact", "--num_shards", "3", "--shard_index", "0",
-                 "--dedup_signatures", str(tmp_path / "file_sigs"), "--out", str(tmp_path / "y")]) == 2
-    assert "other settings" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    step_two = ["--tokenizer", tok, "--num_shards", "3", "--shard_index", "1", "--dedup_signatures",
+                str(tmp_path / "file_sigs"), "--out", str(tmp_path / "y")]
+    # what step two must share with step one, or its ids would name other documents: each refused in one line
+    text = files[1].read_text()
+    files[1].write_text(text.replace(" a ", " A ", 1))  # same size, other bytes
+    for args, expected in ((["--dedup", "exact", *map(str, files)], "other settings"),
+                           (["--dedup", "minhash", *map(str, files[::-1])], "in another order"),
+                           (["--dedup", "minhash", "--text_field", "body", *map(str, files)], "other options (text_field)"),
+                           (["--dedup", "minhash", *map(str, files)], f"{files[1]} changed since its signatures")):
+        assert main([*args, *step_two]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and expected in err[0], err
+        assert not (tmp_path / "y").exists()
 
 
 def planted_items() -> tuple[dict[str, list[int]], list[str]]:
@@ -186,13 +213,18 @@ def test_planted_benchmark_items_are_caught_item_for_item_and_evaluate_warns(tmp
     assert "contamination hellaswag_local: 4 training documents share a 13-gram with 4 of its 40" in capsys.readouterr().out
 
     run = tmp_path / "run"
-    assert train("--data", tmp_path / "kept", "--out", run, *TINY, "--max_steps", 1, "--eval_interval", 1,
-                 "--save_interval", 1) == 0
     capsys.readouterr()
+    assert train("--data", tmp_path / "kept", "--out", run, *TINY, "--max_steps", 1, "--eval_interval", 1,
+                 "--save_interval", 1, "--eval_tasks", "local_tasks", "--eval_tasks_dir", TASKS_DIR,
+                 "--eval_tasks_limit", 1) == 0  # a tag: the warning names its tasks that the data contains
+    err = capsys.readouterr().err
+    assert "warning: hellaswag_local: the training data contains 4 of its documents" in err
+    assert "warning: arc_easy_local: the training data contains" in err and "piqa_local:" not in err
     assert run_cli(evaluate.main, [str(run), "--tasks", "hellaswag_local,text_local", "--tasks_dir", str(TASKS_DIR),
                                    "--limit", "2", "--output", str(tmp_path / "e.json")]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "warning: hellaswag_local: the training data contains 4 of its documents" in err and "text_local:" not in err
+    assert "hellaswag_local [contaminated] | acc" in out and "text_local [contaminated]" not in out
     scored = json.loads((tmp_path / "e.json").read_text())
     assert scored["contaminated"] == {"hellaswag_local": {"eval_documents_hit": 4, "train_documents_hit": 4}}
 
@@ -203,20 +235,33 @@ def test_planted_benchmark_items_are_caught_item_for_item_and_evaluate_warns(tmp
     (["--dedup", "minhash", "--dedup_threshold", "0"], "--dedup_threshold 0.0 must be in (0, 1]"),
     (["--decontaminate", "hellaswag_locl", "--tasks_dir", str(TASKS_DIR)], "did you mean hellaswag_local"),
     (["--decontaminate_mode", "keep"], "choose drop or report"),
-    (["--signatures_only"], "--signatures_only signs documents for --dedup exact or minhash"),
+    (["--dedup", "none", "--signatures_only"], "the two steps of a sharded dedup: name --dedup exact or minhash"),
+    (["--signatures_only", "--dedup_signatures", str(TASKS_DIR)], "run them one after the other"),
+    (["--dedup_threshold", "0.8"], "add --dedup minhash"),  # exact is the default: the threshold would be ignored
+    (["--decontaminate", " , "], "names no task"),
+    (["--dedup_report", str(TASKS_DIR)], "is a directory; name a file"),
+    (["--dedup", "none", "--dedup_report", "r.jsonl"], "there is nothing to report"),
+    (["--dedup_report", "CORPUS"], "exists; pass --overwrite to replace it"),  # the user's file stays
 ])
 def test_screening_mistakes_are_one_line(tmp_path, jsonl_corpus, data_dir, capsys, args, expected):
+    before = jsonl_corpus.read_bytes()
+    args = [str(jsonl_corpus) if a == "CORPUS" else a for a in args]
     assert main([str(jsonl_corpus), "--tokenizer", str(data_dir / "tokenizer"), "--out", str(tmp_path / "o"),
-                 *(["--dedup", "none"] if args == ["--signatures_only"] else []), *args]) == 2
+                 *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and expected in err[0], err
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and jsonl_corpus.read_bytes() == before
 
 
 def test_dedup_of_prepared_data_says_to_prepare_again(tmp_path, data_dir, capsys):
-    assert main([str(data_dir), "--dedup", "minhash", "--out", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "is prepared data, not text" in err and "run prepare again on the corpus" in err
+    """The folder, one of its files, or a folder above it: each named, none read as text."""
+    import shutil
+
+    shutil.copytree(data_dir, tmp_path / "runs" / "data")
+    for given in (data_dir, data_dir / "train_ids.npy", data_dir / "meta.json", tmp_path / "runs"):
+        assert main([str(given), "--dedup", "minhash", "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is prepared data, not text" in err[0] and "run prepare again on the corpus" in err[0]
 
 
 def test_groups_join_across_bands_and_keep_their_smallest_member():

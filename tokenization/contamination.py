@@ -88,12 +88,13 @@ def build_index(names: list[str], tasks_dir: str | None, ngram: int) -> Index:
     tasks = loaded["tasks"]
     index = Index(ngram, list(tasks), [], [])
     grams: dict[int, list[tuple[np.ndarray, int, int]]] = {}
+    shortest = min(SHORT_WORDS, ngram)  # n-grams shorter than 8 words check documents of that length too
     for t, task in enumerate(tasks.values()):
         documents = task_documents(task)
         index.sizes.append(len(documents))
-        index.short.append(sum(len(w) < SHORT_WORDS for w in documents))
+        index.short.append(sum(len(w) < shortest for w in documents))
         for d, words in enumerate(documents):
-            if len(words) >= SHORT_WORDS:
+            if len(words) >= shortest:
                 length = min(ngram, len(words))
                 grams.setdefault(length, []).append((ngram_hashes(word_hashes(words), length), t, d))
     for length, rows in grams.items():

@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, NoReturn
 
 from . import PrepareError
 
@@ -81,18 +81,29 @@ def _dir_files(path: Path) -> list[Path]:
     return files
 
 
+def prepared_dir(path: Path) -> bool:
+    """A folder that prepare (or its --signatures_only step) wrote."""
+    return path.is_dir() and (path / "meta.json").is_file() and any(
+        (path / name).exists() for name in ("train_ids.npy", "tokenizer", "signatures.npz"))
+
+
+def refuse_prepared(what: str) -> NoReturn:
+    raise PrepareError(f"{what} is prepared data, not text; duplicates and benchmark text are removed while "
+                       "preparing: run prepare again on the corpus it was made from (its meta.json lists "
+                       "the sources) with --dedup / --decontaminate")
+
+
 def resolve_sources(args: list[str], opts: ReadOptions) -> list[Source]:
     """Turn command-line arguments into a list of sources, failing early on anything missing."""
     sources: list[Source] = []
     for arg in args:
         path = Path(arg)
-        if path.is_dir() and (path / "meta.json").is_file() and any(
-                (path / name).exists() for name in ("train_ids.npy", "tokenizer", "signatures.npz")):
-            raise PrepareError(f"{arg} is prepared data, not text; duplicates and benchmark text are removed while "
-                               "preparing: run prepare again on the corpus it was made from (its meta.json lists "
-                               "the sources) with --dedup / --decontaminate")
+        if prepared_dir(path) or path.suffix == ".npy" or path.name == "meta.json" and prepared_dir(path.parent):
+            refuse_prepared(arg)
         if path.is_dir():
             files = _dir_files(path)
+            if inside := next((f.parent for f in files if f.name == "meta.json" and prepared_dir(f.parent)), None):
+                refuse_prepared(f"{arg} holds {inside}, which")
         elif path.is_file():
             files = [path]
         elif _looks_like_glob(arg):

@@ -232,10 +232,12 @@ def plan(sig: Signatures, settings: DedupSettings) -> Plan:
     return found
 
 
-def shard_signatures(folder: Path, settings: DedupSettings, count: int, names: list[str]) -> Signatures:
+def shard_signatures(folder: Path, settings: DedupSettings, count: int,
+                     inputs: dict) -> tuple[Signatures, dict[str, str]]:
     """The signatures of every shard of a `--signatures_only` run, checked to be complete, alike, and
-    made from the inputs named now."""
-    found, signed = {}, set()
+    made from the inputs named now, in the same order and read the same way (screen.inputs_of); with
+    the sha256 of each input as step one read it, for the check after encoding."""
+    found, sha256 = {}, {}
     for meta_path in sorted(folder.glob("*/meta.json")):
         meta = json.loads(meta_path.read_text())
         info = meta.get("signatures")
@@ -246,13 +248,18 @@ def shard_signatures(folder: Path, settings: DedupSettings, count: int, names: l
                                "this run's; sign every shard with the same --dedup options")
         if info["shard_count"] != count:
             raise PrepareError(f"{meta_path.parent} was signed as one of {info['shard_count']} shards, not {count}")
+        if info.get("inputs") != inputs["inputs"]:
+            raise PrepareError(f"the signatures in {meta_path.parent} were made from other inputs than this run's "
+                               "(or in another order, or of another size); sign the same inputs, in the same order, "
+                               "that the shards prepare")
+        if info.get("read") != inputs["read"]:
+            changed = sorted(k for k in inputs["read"] if (info.get("read") or {}).get(k) != inputs["read"][k])
+            raise PrepareError(f"the signatures in {meta_path.parent} were read with other options ({', '.join(changed)}"
+                               "); sign and prepare with the same --doc_separator, --text_field and --errors")
         found[info["shard_index"]] = meta_path.parent / SIGNATURES
-        signed |= {src["name"] for src in meta.get("sources", [])}
+        sha256.update({src["name"]: src["sha256"] for src in meta.get("sources", []) if src.get("sha256")})
     missing = sorted(set(range(count)) - set(found))
     if missing:
         raise PrepareError(f"--dedup_signatures {folder} lacks the signatures of shard(s) {missing}: run "
                            "prepare --signatures_only for every shard into that folder first")
-    if signed != set(names):
-        raise PrepareError(f"the signatures in {folder} were made from other inputs than this run's; sign the "
-                           "same inputs, in the same order, that the shards prepare")
-    return Signatures.join([Signatures.load(found[i]) for i in range(count)])
+    return Signatures.join([Signatures.load(found[i]) for i in range(count)]), sha256

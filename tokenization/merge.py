@@ -48,18 +48,24 @@ def largest_ids(metas: list[dict]) -> dict[str, int | None]:
 
 
 def screening_totals(metas: list[dict]) -> dict:
-    """The shards' dedup and contamination as one corpus's: counts summed, evaluation documents joined."""
+    """The shards' dedup and contamination as one corpus's: counts summed, evaluation documents joined.
+    Dedup found duplicates across the inputs only when they are the shards of one sharded dedup
+    (`across_inputs`); a task counts only if every input was checked for it, and is `report` if any
+    input kept what it found."""
     out: dict = {}
     if all("dedup" in m for m in metas):
         d = [m["dedup"] for m in metas]
+        shards = {(m.get("shard") or {}).get("count") for m in metas}
         out["dedup"] = {"method": d[0]["method"], "settings": d[0]["settings"],
-                        **{k: sum(x[k] for x in d) for k in ("documents_in", "documents_dropped", "bytes_dropped")}}
+                        **{k: sum(x[k] for x in d) for k in ("documents_in", "documents_dropped", "bytes_dropped")},
+                        "across_inputs": len(metas) == 1 or shards == {len(metas)}}
     if all("contamination" in m for m in metas):
         out["contamination"] = {}
-        for task, first in metas[0]["contamination"].items():
-            per = [m["contamination"].get(task, {}) for m in metas]
+        for task in [t for t in metas[0]["contamination"] if all(t in m["contamination"] for m in metas)]:
+            per = [m["contamination"][task] for m in metas]
             hits = sorted({e for p in per for e in p.get("eval_hits", [])})
-            out["contamination"][task] = {**first, "eval_documents_hit": len(hits), "eval_hits": hits,
+            mode = "report" if any(p.get("mode") == "report" for p in per) else per[0].get("mode")
+            out["contamination"][task] = {**per[0], "eval_documents_hit": len(hits), "eval_hits": hits, "mode": mode,
                                           "train_documents_hit": sum(p.get("train_documents_hit", 0) for p in per)}
     return out
 

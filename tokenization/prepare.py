@@ -24,7 +24,7 @@ from . import PrepareError, __version__
 from .corpus import ReadOptions, Source, iter_documents, resolve_sources, total_file_bytes
 from .encode import MAX_PIECE_CHARS, Cutter, Encoder, encode_stream, pieces
 from .fit import FitCounter, check_keeps_text, print_fit, tokenizer_fit
-from .screen import DropSet, check_args, screen, write_report, write_signatures
+from .screen import DropSet, check_args, check_signed_inputs, screen, write_report, write_signatures
 from .split import ValidPicker, refuse_existing, split_ids, staging
 from .tokenizer import (TRAINED_BPE, id_dtype, keep_every_token, load_tokenizer, separator_id, tokenizer_fingerprint,
                         tokenizer_sha256)
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
         raise PrepareError(f"--shard_index {args.shard_index} must be in [0, --num_shards {args.num_shards})")
-    if args.num_shards > 1 and args.tokenizer is None:
+    if args.num_shards > 1 and args.tokenizer is None and not args.signatures_only:  # signing encodes nothing
         raise PrepareError("sharded preparation needs one tokenizer for every shard: prepare a sample first and pass "
                            "its tokenizer folder (--tokenizer SAMPLE_DIR/tokenizer), or name an AutoTokenizer")
     sep = args.doc_separator
@@ -76,9 +76,9 @@ def screening_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("duplicates and benchmark contamination (docs/tokenize.md)")
     g.add_argument("--dedup", default="exact", help="drop duplicate documents before encoding, keeping the first: "
                    "exact (normalised text; the default), minhash (near duplicates) or none")
-    g.add_argument("--dedup_threshold", type=float, default=0.75,
+    g.add_argument("--dedup_threshold", type=float, default=None,
                    help="minhash: estimated Jaccard similarity of word n-grams that makes a duplicate (default 0.75)")
-    g.add_argument("--dedup_ngram", type=int, default=5, help="minhash: words per n-gram (default 5)")
+    g.add_argument("--dedup_ngram", type=int, default=None, help="minhash: words per n-gram (default 5)")
     g.add_argument("--dedup_report", type=Path, default=None,
                    help="write one JSON line per document left out (and the copy kept) to this file")
     g.add_argument("--signatures_only", action="store_true",
@@ -123,7 +123,7 @@ def prepare(args: argparse.Namespace) -> Path:
     with staging(out) as tmp:
         screening = screen(args, sources, all_sources, opts, doc_shard)
         if args.signatures_only:
-            write_signatures(tmp, screening, args, sources)
+            write_signatures(tmp, screening, args, sources, all_sources, opts)
             return out
         tok, tokenizer_name = tokenizer_for(args, sources, opts, tmp / "tokenizer", screening.drop)
         fingerprint = tokenizer_fingerprint(tok)  # before the clock starts, as meta.json's seconds always had it
@@ -131,6 +131,7 @@ def prepare(args: argparse.Namespace) -> Path:
         eos, dtype, picker = separator_id(tok), id_dtype(len(tok)), ValidPicker(args.val_fraction, args.seed)
         stats, fit, cutter = encode_corpus(tok, tmp, sources, opts, doc_shard, args.num_proc, eos, dtype, picker,
                                            screening.drop)
+        check_signed_inputs(screening, sources)
         if stats["documents"] == 0 and doc_shard is not None:
             raise PrepareError(f"shard {args.shard_index} of {args.num_shards} got no document: the corpus has fewer "
                                "documents than shards (a .txt is one document unless --doc_separator splits it)")
@@ -146,8 +147,9 @@ def prepare(args: argparse.Namespace) -> Path:
         if args.num_shards > 1:
             meta["shard"] = {"index": args.shard_index, "count": args.num_shards, "by": shard_by}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if args.dedup_report:
-        write_report(args.dedup_report, screening.report(all_sources))
+        report = write_report(args.dedup_report, screening.report(all_sources)) if args.dedup_report else None
+    if report:
+        report.replace(args.dedup_report)  # with the data, or not at all
     for src in sources:
         if src.documents == 1 and src.blank_lines >= PARAGRAPHS_WARN:
             print(f"warning: {src.name} became one document (a .txt is read whole without --doc_separator) and holds "
@@ -265,8 +267,10 @@ def screening_lines(meta: dict) -> list[str]:
                      f"({d['bytes_dropped'] / 1e6:,.1f} MB) in {d['seconds']:.1f} s")
     for task, c in meta.get("contamination", {}).items():
         action = "dropped" if c["mode"] == "drop" else "kept (report mode)"
+        short = c.get("eval_documents_too_short", 0)
+        unchecked = f" ({short:,} too short to check)" if short else ""
         lines.append(f"contamination {task}: {c['train_documents_hit']:,} training documents share a {c['ngram']}-gram "
-                     f"with {c['eval_documents_hit']:,} of its {c['eval_documents']:,} documents; {action}")
+                     f"with {c['eval_documents_hit']:,} of its {c['eval_documents']:,} documents{unchecked}; {action}")
     return lines
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -30,8 +31,9 @@ class Screening:
     drop: "DropSet" = field(default_factory=lambda: DropSet())
     meta: dict = field(default_factory=dict)
     contaminated: list[dict] = field(default_factory=list)  # report rows
-    duplicates: tuple | None = None  # (signatures, kept, dropped) for the report rows
-    signatures: Signatures | None = None
+    duplicates: tuple | None = None  # (dropped ids, kept ids, similarities) for the report rows
+    signatures: Signatures | None = None  # --signatures_only: what step one writes
+    signed_sha256: dict[str, str] = field(default_factory=dict)  # --dedup_signatures: each input as step one read it
 
     def report(self, sources: list[Source]) -> Iterator[dict]:
         if self.duplicates:
@@ -40,18 +42,33 @@ class Screening:
 
 
 def settings_of(args: argparse.Namespace) -> DedupSettings:
-    return DedupSettings(args.dedup, args.dedup_threshold, args.dedup_ngram)
+    defaults = DedupSettings()
+    return DedupSettings(args.dedup, defaults.threshold if args.dedup_threshold is None else args.dedup_threshold,
+                         defaults.ngram if args.dedup_ngram is None else args.dedup_ngram)
+
+
+def task_list(spec: str | None) -> list[str]:
+    return [n.strip() for n in (spec or "").split(",") if n.strip()]
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """One-line refusals for screening options that cannot work together."""
+    """One-line refusals for screening options that cannot work together, or would be ignored."""
     settings_of(args)
     if args.decontaminate_mode not in MODES:
         raise PrepareError(f"--decontaminate_mode {args.decontaminate_mode!r}: choose drop or report")
     if args.decontaminate_ngram < 1:
         raise PrepareError(f"--decontaminate_ngram {args.decontaminate_ngram} must be at least 1")
-    if args.signatures_only and args.dedup == "none":
-        raise PrepareError("--signatures_only signs documents for --dedup exact or minhash; name one")
+    if args.decontaminate is not None and not task_list(args.decontaminate):
+        raise PrepareError(f"--decontaminate {args.decontaminate!r} names no task (lm-eval names, comma-separated)")
+    if args.dedup != "minhash" and (args.dedup_threshold is not None or args.dedup_ngram is not None):
+        raise PrepareError("--dedup_threshold and --dedup_ngram set near-duplicate detection: add --dedup minhash")
+    if args.dedup == "none" and (args.signatures_only or args.dedup_signatures):
+        raise PrepareError("--signatures_only and --dedup_signatures are the two steps of a sharded dedup: "
+                           "name --dedup exact or minhash")
+    if args.signatures_only and args.dedup_signatures:
+        raise PrepareError("--signatures_only is step one and --dedup_signatures step two of a sharded dedup: "
+                           "run them one after the other")
+    check_report(args)
     sharded_dedup = args.num_shards > 1 and args.dedup != "none"
     if sharded_dedup and not (args.signatures_only or args.dedup_signatures):
         raise PrepareError("--dedup across shards needs every shard's signatures: first run each shard with "
@@ -59,6 +76,26 @@ def check_args(args: argparse.Namespace) -> None:
                            "(or --dedup none); see docs/tokenize.md")
     if args.dedup_signatures and not Path(args.dedup_signatures).is_dir():
         raise PrepareError(f"--dedup_signatures {args.dedup_signatures} is not a directory")
+
+
+def check_report(args: argparse.Namespace) -> None:
+    """--dedup_report is checked before any work: a report nobody could write, or one that would
+    replace an earlier one, is refused while nothing has been done."""
+    path = args.dedup_report
+    if path is None:
+        return
+    if args.signatures_only:
+        raise PrepareError("--dedup_report is written by step two (--dedup_signatures), not by --signatures_only")
+    if args.dedup == "none" and not args.decontaminate:
+        raise PrepareError("--dedup_report lists what --dedup or --decontaminate leave out; with --dedup none and "
+                           "no --decontaminate there is nothing to report")
+    if path.is_dir():
+        raise PrepareError(f"--dedup_report {path} is a directory; name a file")
+    if path.exists() and not args.overwrite:
+        raise PrepareError(f"--dedup_report {path} exists; pass --overwrite to replace it, or name another file")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise PrepareError(f"--dedup_report {path} cannot be written (no writable folder above it)")
 
 
 def doc_name(sources: list[Source], doc: tuple[int, int]) -> dict:
@@ -73,8 +110,7 @@ def screen(args: argparse.Namespace, sources: list[Source], all_sources: list[So
     sign = settings.method != "none" and not args.dedup_signatures
     checker = None
     if args.decontaminate and not args.signatures_only:
-        names = [n.strip() for n in args.decontaminate.split(",") if n.strip()]
-        checker = Checker(build_index(names, args.tasks_dir, args.decontaminate_ngram))
+        checker = Checker(build_index(task_list(args.decontaminate), args.tasks_dir, args.decontaminate_ngram))
     seconds = 0.0
     if sign or checker:
         t0 = time.perf_counter()
@@ -83,9 +119,13 @@ def screen(args: argparse.Namespace, sources: list[Source], all_sources: list[So
         seconds = round(time.perf_counter() - t0, 3)
         out.signatures = signer.signatures() if signer else None
     if settings.method != "none" and not args.signatures_only:
-        whole = out.signatures if sign else shard_signatures(Path(args.dedup_signatures), settings, args.num_shards,
-                                                             [s.name for s in all_sources])
-        _dedup(out, whole, settings, _mine(whole, sources, doc_shard), all_sources)
+        if sign:
+            whole, out.signatures = out.signatures, None  # freed once the plan is made: not held while encoding
+        else:
+            whole, out.signed_sha256 = shard_signatures(Path(args.dedup_signatures), settings, args.num_shards,
+                                                            inputs_of(all_sources, opts))
+        _dedup(out, whole, settings, _mine(whole, sources, doc_shard), bool(args.dedup_report))
+        del whole
         out.meta["dedup"]["seconds"] = seconds
     if checker:
         _contamination(out, checker, args.decontaminate_mode, all_sources)
@@ -136,22 +176,24 @@ class DropSet:
         return flags is not None and doc[1] < len(flags) and bool(flags[doc[1]])
 
 
-def _dedup(out: Screening, sig: Signatures, settings: DedupSettings, mine: np.ndarray,
-           sources: list[Source]) -> None:
+def _dedup(out: Screening, sig: Signatures, settings: DedupSettings, mine: np.ndarray, report: bool) -> None:
     found = plan(sig, settings)
     dropped = found.dropped[mine[found.dropped]]  # this shard's
     out.drop.add_many(sig.ids[dropped])
     out.meta["dedup"] = {**found.stats, "documents_in": int(mine.sum()), "documents_dropped": len(dropped),
                          "bytes_dropped": int(sig.sizes[dropped].sum())}
-    out.duplicates = (sig, found.kept, dropped)
+    if report:  # the rows' ids and similarities only: the signatures themselves are not kept
+        kept = found.kept[dropped]
+        similarity = np.concatenate([(sig.keys[d] == sig.keys[k]).mean(1) for d, k in zip(
+            np.array_split(dropped, max(1, len(dropped) // 4096)), np.array_split(kept, max(1, len(dropped) // 4096)))])
+        out.duplicates = (sig.ids[dropped], sig.ids[kept], similarity)
 
 
-def duplicate_rows(sources: list[Source], sig: Signatures, kept: np.ndarray, dropped: np.ndarray) -> Iterator[dict]:
-    for i in dropped:
-        k = kept[i]
-        yield {"reason": "duplicate", "dropped": doc_name(sources, tuple(sig.ids[i])),
-               "kept": doc_name(sources, tuple(sig.ids[k])),
-               "similarity": round(float((sig.keys[i] == sig.keys[k]).mean()), 4)}
+def duplicate_rows(sources: list[Source], dropped: np.ndarray, kept: np.ndarray,
+                   similarity: np.ndarray) -> Iterator[dict]:
+    for d, k, sim in zip(dropped, kept, similarity):
+        yield {"reason": "duplicate", "dropped": doc_name(sources, tuple(d)), "kept": doc_name(sources, tuple(k)),
+               "similarity": round(float(sim), 4)}
 
 
 def _contamination(out: Screening, checker: Checker, mode: str, sources: list[Source]) -> None:
@@ -164,24 +206,43 @@ def _contamination(out: Screening, checker: Checker, mode: str, sources: list[So
             tasks.setdefault(names[t], []).append(e)
         out.contaminated.append({"reason": "contamination", "document": doc_name(sources, doc), "tasks": tasks,
                                  "dropped": mode == "drop"})
-        if mode == "drop":
-            out.drop.add_many(np.array([doc]))
+    if mode == "drop" and checker.hits:
+        out.drop.add_many(np.array(sorted(checker.hits)))  # at once: one flag array per source
 
 
-def write_signatures(tmp: Path, screening: Screening, args: argparse.Namespace, sources: list[Source]) -> None:
+def inputs_of(sources: list[Source], opts: ReadOptions) -> dict:
+    """What numbers the documents: the inputs in order, their sizes, and how they are read. Step two
+    must see the same, or its document ids would name other documents."""
+    return {"inputs": [{"name": s.name, "size_bytes": s.size_bytes} for s in sources], "read": asdict(opts)}
+
+
+def write_signatures(tmp: Path, screening: Screening, args: argparse.Namespace, sources: list[Source],
+                     all_sources: list[Source], opts: ReadOptions) -> None:
     """Step one of a sharded dedup: this shard's signatures and what they were made with."""
     settings = settings_of(args)
     screening.signatures.save(tmp / SIGNATURES)
     meta = {"signatures": {"method": settings.method, "settings": settings.info(), "shard_index": args.shard_index,
-                           "shard_count": args.num_shards, "documents": len(screening.signatures.ids)},
+                           "shard_count": args.num_shards, "documents": len(screening.signatures.ids),
+                           **inputs_of(all_sources, opts)},
             "sources": [s.info() for s in sources]}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def write_report(path: Path, rows: Iterator[dict]) -> None:
-    """--dedup_report: one JSON line per document left out (or found and kept), written whole or not at all."""
+def check_signed_inputs(screening: Screening, sources: list[Source]) -> None:
+    """After encoding: every input read now is the file step one signed (a file edited in between
+    would have its documents dropped by another file's signatures)."""
+    for src in sources:
+        signed = screening.signed_sha256.get(src.name)
+        if signed and src.sha256 and signed != src.sha256:
+            raise PrepareError(f"{src.name} changed since its signatures were made (sha256 {signed[:12]}... then, "
+                               f"{src.sha256[:12]}... now); run --signatures_only for every shard again")
+
+
+def write_report(path: Path, rows: Iterator[dict]) -> Path:
+    """--dedup_report: one JSON line per document left out (or found and kept), into a hidden file
+    beside it that the caller renames into place with the data."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    tmp.replace(path)
+    return tmp
