@@ -14,28 +14,25 @@ import pickle
 import sys
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
-from typing import Any, NamedTuple, NoReturn
+from typing import Any
 
 import torch
 
 from . import __version__
-from .checkpoint import list_checkpoints, save_checkpoint
 from .config import MODEL_FIELDS, TrainConfig, changes, flatten, help_text, resolve, resolve_precision, save_json
 from .data import TokenData, check_same_tokenizer, step_windows
 from .errors import UserError, run_cli
-from .evaluate import metrics, score
 from .launch import leave, process_start, start_accelerator
 from .memory import check_memory, out_of_memory_as_user_error
 from .model import Transformer, attention_mask
 from .optim import apply_config_to_schedule, build_optimizer, build_scheduler, wsd_decay_start
+from .periodic import SKIP_LIMIT, baseline, contaminated_tasks, periodic_actions, task_names, task_tokenizer
+from .run_state import Run, StepResult
 from .rundir import check_resume, check_resume_shape, check_resume_world, check_steps, claim_run_dir, write_run_dir
-from .stopping import Deadline, StopRequest, StopVote, parse_duration
-from .tracking import RunLog, SpikeWatch, check_trackers, peak_flops, read_log
+from .stopping import Deadline, StopRequest, parse_duration
+from .tracking import SpikeWatch, check_trackers, read_log
 
-SKIP_LIMIT = 25  # fp16: overflowing steps in a row before the run stops
 PRECISION = {"no": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast + gradient scaler"}
 
 
@@ -179,70 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-@dataclass
-class Run:
-    """What the loop carries from one step to the next; what follows from the parts is derived here."""
-
-    cfg: TrainConfig
-    data: TokenData
-    accelerator: Any
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    state: dict[str, Any]  # the checkpoint's train state when resuming, else {}
-    tokenizer: Any  # the data's, for --eval_tasks (else None)
-    deadline: Deadline
-    bar: Any = None
-    spikes: SpikeWatch = field(default_factory=lambda: SpikeWatch([]))
-    t_start: float = field(default_factory=time.perf_counter)
-    t_last: float = field(default_factory=time.perf_counter)
-    paused: float = 0.0  # seconds of eval, save and task scoring since the last logged step
-    costs: dict[str, float] = field(default_factory=dict)  # the last measured seconds of each periodic action
-    decay_from: int | None = None  # the step a time-limited WSD decay was started at, in this process
-
-    def __post_init__(self) -> None:
-        cfg, accelerator = self.cfg, self.accelerator
-        self.log = RunLog(Path(cfg.out) / "train_log.jsonl", accelerator.is_main_process)
-        self.tokens_per_step = (cfg.micro_batch_size * cfg.block_size * cfg.gradient_accumulation_steps
-                                * accelerator.num_processes)
-        self.flops_per_token = self.bare_model.flops_per_token(cfg.block_size)
-        self.peak_flops = peak_flops(accelerator.device, accelerator.mixed_precision, cfg.peak_flops)  # None: unknown
-        self.eos = self.data.meta.get("eos_token_id") if cfg.document_masking else None  # documents end at EOS
-        self.vote = StopVote(accelerator.num_processes, accelerator.device)
-        self.tokens_seen = self.tokens_last = self.state.get("tokens_seen", 0)
-        # The first optimizer step whose gradient norm was not finite, or (fp16) that made the gradient
-        # scaler skip SKIP_LIMIT steps in a row (0: none), with its norm; kept on the device and read only
-        # where the loop syncs anyway (log, eval, save): no host sync per step on a GPU.
-        zero = lambda dtype: torch.zeros((), dtype=dtype, device=accelerator.device)  # noqa: E731
-        self.bad_step, self.bad_norm = zero(torch.long), zero(torch.float32)
-        self.skipped, self.skip_streak = zero(torch.bool), zero(torch.long)  # fp16: the last step's, in a row
-
-    @property
-    def bare_model(self) -> torch.nn.Module:
-        """The model without DDP or torch.compile around it (under FSDP2, the sharded module). Accelerate's
-        default (keep_torch_compile=True) would point the compiled wrapper at the bare model, leaving DDP
-        out of the training forward's path: accumulate()'s no_sync would then find no DDP, and every
-        micro-batch would all-reduce."""
-        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-
-    @property
-    def dir(self) -> Path:
-        return Path(self.cfg.out)
-
-    @property
-    def start_step(self) -> int:
-        return self.state.get("step", 0)
-
-    def elapsed(self) -> float:
-        return self.state.get("elapsed_s", 0.0) + time.perf_counter() - self.t_start
-
-
-class StepResult(NamedTuple):
-    loss_sum: torch.Tensor  # summed over the micro-batches, on the device
-    grad_norm: torch.Tensor
-    lr: float
-
-
 def setup(cfg: TrainConfig, data: TokenData, precision_why: str, held: ExitStack) -> Run | None:
     """Run directory, model, optimizer and log, checked in the order that writes nothing before
     every check has passed; None when a resumed run is already complete. `held` keeps the run
@@ -281,41 +214,9 @@ def setup(cfg: TrainConfig, data: TokenData, precision_why: str, held: ExitStack
     return run
 
 
-def task_tokenizer(cfg: TrainConfig, data: TokenData, accelerator) -> Any:
-    """The tokenizer --eval_tasks encode with: the data's (an --init_from model's is the same, checked).
-    Generation tasks are refused under FSDP: each rank would decode as many steps as its own
-    documents need, and the sharded model needs every rank in every forward."""
-    if not cfg.eval_tasks:
-        return None
-    from transformers import AutoTokenizer
-
-    from .downstream import load_tasks
-
-    if accelerator.distributed_type.name == "FSDP":
-        _, loaded = load_tasks(task_names(cfg), cfg.eval_tasks_dir)
-        if generating := [n for n, t in loaded["tasks"].items() if t.OUTPUT_TYPE == "generate_until"]:
-            raise UserError(f"--eval_tasks {', '.join(generating)} generate text, which FSDP cannot do during training; "
-                            "score them after it with python -m accel_pretrain.evaluate RUN --tasks ...")
-    if not (data.dir / "tokenizer").is_dir():
-        raise UserError(f"--eval_tasks needs the tokenizer the data was prepared with; {data.dir}/tokenizer is missing")
-    return AutoTokenizer.from_pretrained(str(data.dir / "tokenizer"))
-
-
 def checkpoint_bytes(model: torch.nn.Module) -> int:
     """This process's bytes of a checkpoint: weights and AdamW's two moments (Muon's one is smaller)."""
     return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
-
-
-def contaminated_tasks(run: Run) -> None:
-    """--eval_tasks that the data was found to contain: a warning each, and a train_log.jsonl event."""
-    from .downstream import contamination, load_tasks, warn_contaminated
-
-    _, loaded = load_tasks(task_names(run.cfg), run.cfg.eval_tasks_dir)  # groups and tags as their tasks (cached)
-    found = contamination(run.cfg.data, list(loaded["tasks"]))
-    if found:
-        run.log.write({"event": "contaminated", "step": run.start_step, "tasks": found})
-        if run.accelerator.is_main_process:
-            print("\n".join(warn_contaminated(found)), file=sys.stderr, flush=True)
 
 
 def open_log(run: Run, ckpt: Path | None, precision_why: str) -> None:
@@ -412,153 +313,6 @@ def update(run: Run, grad_norm: torch.Tensor, step: int) -> None:
     run.optimizer.zero_grad(set_to_none=True)
 
 
-def periodic_actions(run: Run, result: StepResult, done: int, stopping: bool) -> None:
-    """Log, evaluate and save when their interval (or the last step, or a stop) comes; a
-    non-finite step recorded on the device stops the run before any of them writes."""
-    cfg = run.cfg
-    logging = done % cfg.log_interval == 0 or done == 1 or done == cfg.max_steps
-    evaluating = done % cfg.eval_interval == 0 or done == cfg.max_steps
-    scoring = bool(cfg.eval_tasks) and (done % (cfg.eval_tasks_interval or cfg.save_interval) == 0
-                                        or done == cfg.max_steps)
-    saving = done % cfg.save_interval == 0 or done == cfg.max_steps or stopping or scoring
-    if (logging or evaluating or saving) and (first := int(run.bad_step)):
-        raise_nonfinite(run, first)
-    if logging:
-        log_step(run, result, done)
-    if evaluating:
-        m = timed(run, "eval", lambda: evaluate_step(run, done))
-        if run.accelerator.is_main_process:
-            run.bar.write(f"step {done}: val_loss {m['loss']:.4f}, ppl {m['perplexity']:.2f}")
-    if saving:
-        timed(run, "save", lambda: save_checkpoint(run.accelerator, run.dir, done, train_state(run, done),
-                                                   cfg.keep_checkpoints))
-        run.deadline.saved(run.costs["save"])
-    if scoring and not stopping:  # after the save: a run killed while scoring loses nothing
-        timed(run, "tasks", lambda: score_tasks(run, done))
-
-
-def task_names(cfg: TrainConfig) -> list[str]:
-    return [t.strip() for t in (cfg.eval_tasks or "").split(",") if t.strip()]
-
-
-def score_tasks(run: Run, done: int) -> None:
-    """--eval_tasks through lm-eval, each rank scoring a share of the documents; one train_log.jsonl
-    line ({"step", "tasks/TASK/METRIC": value, ..., "tasks/core"}) and tracker record. The model
-    unwrapped: under DDP or --compile the plain module (no recompilation for the tasks' shapes),
-    under FSDP2 the sharded one, which every rank calls as often (lm-eval pads the requests)."""
-    from .downstream import flat_metrics, run_tasks
-    from .task_lm import TaskLM
-
-    cfg, accelerator = run.cfg, run.accelerator
-    model = run.bare_model
-    lm = TaskLM(model, run.tokenizer, cfg.micro_batch_size, accelerator.device, accelerator.process_index,
-                accelerator.num_processes, autocast=accelerator.autocast)
-    model.eval()
-    try:
-        scores = run_tasks(lm, task_names(cfg), cfg.eval_tasks_dir, cfg.eval_tasks_limit or None, None)
-    finally:
-        model.train()
-    if scores is None:  # not rank 0
-        return
-    record = {"step": done, **flat_metrics(scores)}
-    run.log.write(record)
-    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
-    core = f", CORE {scores['core']:.3f}" if scores.get("core") is not None else ""
-    run.bar.write(f"step {done}: " + ", ".join(f"{t} {m.get('acc,none', float('nan')):.3f}"
-                                               for t, m in sorted(scores["results"].items()) if "acc,none" in m) + core)
-
-
-def baseline(run: Run) -> None:
-    """Validation loss and --eval_tasks at step 0, before the first update: the "before" of a run."""
-    started = time.perf_counter()
-    m = evaluate_step(run, 0)
-    if run.accelerator.is_main_process:
-        run.bar.write(f"step 0: val_loss {m['loss']:.4f}, ppl {m['perplexity']:.2f} (before the first update)")
-    if run.cfg.eval_tasks:
-        score_tasks(run, 0)
-    run.paused += time.perf_counter() - started
-
-
-def log_step(run: Run, result: StepResult, done: int) -> None:
-    """One train_log.jsonl line (and tracker record), the bar or a plain line, and the spike watch."""
-    cfg, accelerator = run.cfg, run.accelerator
-    now = time.perf_counter()
-    tps = (run.tokens_seen - run.tokens_last) / max(now - run.t_last - run.paused, 1e-9)  # training time only
-    run.t_last, run.tokens_last, run.paused = now, run.tokens_seen, 0.0
-    peak = run.peak_flops
-    record = {"step": done, "tokens": run.tokens_seen,
-              "loss": accelerator.reduce(result.loss_sum / cfg.gradient_accumulation_steps, "mean").item(),
-              "lr": result.lr, "grad_norm": result.grad_norm.item(), "tokens_per_s": tps,
-              "mfu": run.flops_per_token * tps / accelerator.num_processes / peak if peak else None,
-              "elapsed_s": run.state.get("elapsed_s", 0.0) + now - run.t_start}
-    if accelerator.scaler is not None:
-        record["skipped_step"] = bool(run.skipped)
-    if accelerator.device.type == "cuda":  # the allocator's own count: no device sync
-        record["peak_memory_gib"] = torch.cuda.max_memory_allocated(accelerator.device) / 2**30
-    run.log.write(record)
-    if (spike := run.spikes.check(record["loss"])) and accelerator.is_main_process:
-        run.log.write({"event": "spike", "step": done, "median": spike})  # the step's own line has the loss
-        last = list_checkpoints(run.dir)
-        run.bar.write(f"warning: loss spike at step {done}: {record['loss']:.3f} against a median of {spike:.3f} over "
-                      f"the last {len(run.spikes.recent)} logged steps; if it does not come back down, resume from "
-                      f"{last[-1] if last else 'the start'} with a lower --lr (README: \"When a run diverges\")",
-                      file=sys.stderr)
-    accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=done)
-    run.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{result.lr:.2e}", refresh=False)
-    if run.bar.disable and accelerator.is_main_process:  # not a terminal (make, CI, SLURM): a plain line
-        eta = (cfg.max_steps - done) * run.tokens_per_step / max(tps, 1e-9) + periodic_seconds(run, done)
-        print(f"step {done}/{cfg.max_steps} | loss {record['loss']:.4f} | lr {result.lr:.2e} | {tps:,.0f} tok/s | "
-              f"ETA {int(eta // 3600)}:{int(eta % 3600 // 60):02d}:{int(eta % 60):02d}", flush=True)
-
-
-def periodic_seconds(run: Run, done: int) -> float:
-    """What the evaluations, saves and task scores still to come will take, at their last measured cost."""
-    cfg = run.cfg
-
-    def left(interval: int) -> int:  # steps after `done` that are multiples of interval, or the last step
-        return cfg.max_steps // interval - done // interval + (cfg.max_steps % interval != 0)
-
-    intervals = {"eval": cfg.eval_interval, "save": cfg.save_interval,
-                 "tasks": cfg.eval_tasks_interval or cfg.save_interval}
-    return sum(left(intervals[k]) * seconds for k, seconds in run.costs.items())
-
-
-def timed(run: Run, what: str, action: Callable[[], Any]) -> Any:
-    """Run a periodic action, recording its cost for the ETA and keeping it out of tokens/s."""
-    started = time.perf_counter()
-    out = action()
-    run.costs[what] = time.perf_counter() - started
-    run.paused += run.costs[what]
-    return out
-
-
-def evaluate_step(run: Run, done: int) -> dict[str, float]:
-    """Validation loss on the fixed windows, each rank scoring its share. The model unwrapped: under
-    --compile eager, as `evaluate` scores a checkpoint (the same val_loss), with no second compilation
-    for eval mode (on an H200, gpt2-124m's first eval and save took 35 s with one, and the ETA counted
-    that for each eval to come)."""
-    cfg, accelerator = run.cfg, run.accelerator
-    mb = cfg.micro_batch_size
-    loss_sum, count = score(run.bare_model, run.data.valid, cfg.block_size, mb, cfg.eval_iters * mb, accelerator.device,
-                            accelerator.process_index, accelerator.num_processes, run.eos)
-    m = metrics(accelerator.reduce(loss_sum, "sum").item(), accelerator.reduce(count, "sum").item(),
-                run.data.bytes_per_token)
-    record = {"step": done, "val_loss": m["loss"], "val_ppl": m["perplexity"], "val_bpb": m.get("bits_per_byte")}
-    run.log.write(record)
-    accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=done)
-    return m
-
-
-def train_state(run: Run, step: int) -> dict[str, Any]:
-    """Our part of a checkpoint: where the run is and what it was trained on."""
-    cfg, data = run.cfg, run.data
-    return {"step": step, "tokens_seen": run.tokens_seen, "data_fingerprint": data.fingerprint(),
-            "tokenizer_sha256": data.tokenizer_sha256, "tokenizer_fingerprint": data.tokenizer_fingerprint,
-            "tokenizer": data.meta.get("tokenizer"), "data_vocab_size": data.vocab_size,
-            "data_dir": str(data.dir), "model_config": cfg.to_dict()["model"],
-            "world_size": run.accelerator.num_processes, "elapsed_s": run.elapsed(), "config": cfg.to_dict()}
-
-
 def finish(run: Run, done: int) -> None:
     """Replicas must agree after training: a gathered checksum per rank makes that checkable."""
     accelerator = run.accelerator
@@ -569,19 +323,6 @@ def finish(run: Run, done: int) -> None:
     run.log.write({"event": "end", "step": done, "param_checksums": sums.tolist()})
     accelerator.wait_for_everyone()  # no rank tears down the process group while another still uses it
     accelerator.end_training()
-
-
-def raise_nonfinite(run: Run, step: int) -> NoReturn:
-    """Stop a run whose gradients went non-finite, with its record in train_log.jsonl."""
-    saved = list_checkpoints(run.dir)
-    run.log.write({"event": "nonfinite", "step": step, "grad_norm": float(run.bad_norm)})
-    where = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was written yet"
-    if run.accelerator.scaler is not None:
-        raise UserError(f"fp16: the gradients overflowed on {SKIP_LIMIT + 1} steps in a row (the gradient scaler "
-                        f"skipped them) up to step {step}; stopped without saving ({where}); --resume with a lower "
-                        "--lr, or train in bf16")
-    raise UserError(f"non-finite loss or gradient norm at step {step}; stopped without saving ({where}); "
-                    "--resume with a lower --lr")
 
 
 if __name__ == "__main__":

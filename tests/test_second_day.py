@@ -311,7 +311,7 @@ def test_activation_checkpointing_under_compile(tmp_path, data_dir, trained_run,
     the plain module meanwhile, so `evaluate` reproduces the logged val_loss bit for bit) ends within
     float tolerance of the plain eager run of the same flags (conftest's trained_run). Under DDP
     checkpointing is bit-identical to the plain run: test_cluster's SLURM test."""
-    import accel_pretrain.train as train_module
+    import accel_pretrain.periodic as periodic
     from accel_pretrain import evaluate
     from accel_pretrain.tracking import read_log
     from tests.helpers import weights
@@ -319,8 +319,8 @@ def test_activation_checkpointing_under_compile(tmp_path, data_dir, trained_run,
 
     assert_compiles_like_eager(checkpoint_blocks=True, backend="inductor")
     scored = []
-    score = train_module.score
-    monkeypatch.setattr(train_module, "score", lambda model, *a: scored.append(type(model).__name__) or score(model, *a))
+    score = periodic.score
+    monkeypatch.setattr(periodic, "score", lambda model, *a: scored.append(type(model).__name__) or score(model, *a))
 
     compiled = tmp_path / "compiled"
     tasks = ["--eval_tasks", "hellaswag_local", "--eval_tasks_dir", ROOT / "tests" / "tasks", "--eval_tasks_limit", 4]

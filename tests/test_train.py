@@ -227,16 +227,16 @@ def test_tokens_per_second_and_eta_around_a_slow_evaluation(tmp_path, data_dir, 
     counts the evaluations still to come at their measured cost."""
     import time
 
-    from accel_pretrain import train as train_module
+    from accel_pretrain import periodic
     from accel_pretrain.tracking import read_log
 
-    evaluate_step = train_module.evaluate_step
+    evaluate_step = periodic.evaluate_step
 
     def slow(run, done):  # noqa: ANN001, ANN202
         time.sleep(1.0)
         return evaluate_step(run, done)
 
-    monkeypatch.setattr(train_module, "evaluate_step", slow)
+    monkeypatch.setattr(periodic, "evaluate_step", slow)
     run = tmp_path / "run"
     assert train("--data", data_dir, "--out", run, *TINY, "--max_steps", 6, "--eval_interval", 2,
                  "--save_interval", 100) == 0
