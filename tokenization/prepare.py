@@ -112,7 +112,7 @@ def shard_plan(sources: list[Source], index: int, count: int) -> tuple[list[Sour
 
 
 def prepare(args: argparse.Namespace) -> Path:
-    """read -> encode -> count -> split -> publish, into a hidden folder renamed into place at the end."""
+    """read -> screen -> encode -> count -> split -> publish, into a hidden folder renamed into place at the end."""
     out = Path(args.out)
     refuse_existing(out, args.overwrite)
     opts = ReadOptions(args.text_field, args.doc_separator, args.errors, args.dataset_config, args.split)
