@@ -24,6 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tokenization import tasks
+
 from .data import Ids, TokenData, check_same_tokenizer, unigram_loss
 from .errors import UserError, run_cli
 from .model import attention_mask
@@ -160,7 +162,7 @@ def evaluate_tasks(args: argparse.Namespace) -> int:
     from .checkpoint import load_any
     from .downstream import contamination, load_tasks, run_tasks, table, warn_contaminated
 
-    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    names = tasks.task_list(args.tasks)
     if (args.batch_size or 1) < 1 or (args.limit is not None and args.limit < 1) or (args.num_fewshot or 0) < 0:
         raise UserError("--batch_size and --limit must be at least 1, --num_fewshot at least 0")
     load_tasks(names, args.tasks_dir)  # unknown names and offline data are refused before the model loads

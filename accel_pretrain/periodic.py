@@ -10,6 +10,8 @@ from typing import Any, NoReturn
 
 import torch
 
+from tokenization import tasks
+
 from .checkpoint import list_checkpoints, save_checkpoint
 from .config import TrainConfig
 from .data import TokenData
@@ -78,7 +80,7 @@ def periodic_actions(run: Run, result: StepResult, done: int, stopping: bool) ->
 
 
 def task_names(cfg: TrainConfig) -> list[str]:
-    return [t.strip() for t in (cfg.eval_tasks or "").split(",") if t.strip()]
+    return tasks.task_list(cfg.eval_tasks)
 
 
 def score_tasks(run: Run, done: int) -> None:

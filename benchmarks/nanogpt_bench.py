@@ -29,23 +29,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, swiglu_width  # noqa: E402
+from train_bench import make_data  # noqa: E402
 
 NANOGPT_FILES = ("train.py", "model.py", "configurator.py")
 WARMUP = 4  # logged steps left out of each median
 
 
 def write_data(root: Path, vocab: int) -> tuple[Path, Path]:
-    """Random ids in our prepared-data layout and in nanoGPT's (train.bin, val.bin, meta.pkl)."""
-    ids = np.random.default_rng(0).integers(1, vocab, size=2_000_000, dtype=np.uint16)
-    ours, theirs = root / "data", root / "nanogpt" / "data" / "bench"
-    ours.mkdir()
+    """train_bench's random ids in our prepared-data layout, and the same ids in nanoGPT's (train.bin,
+    val.bin, meta.pkl)."""
+    ours, theirs = make_data(root, vocab), root / "nanogpt" / "data" / "bench"
     theirs.mkdir(parents=True)
-    np.save(ours / "train_ids.npy", ids[:1_900_000])
-    np.save(ours / "valid_ids.npy", ids[1_900_000:])
-    (ours / "meta.json").write_text(json.dumps({"vocab_size": vocab, "dtype": "uint16", "eos_token_id": 0,
-                                                "train_tokens": 1_900_000, "valid_tokens": 100_000}))
-    ids[:1_900_000].tofile(theirs / "train.bin")
-    ids[1_900_000:].tofile(theirs / "val.bin")
+    np.load(ours / "train_ids.npy").tofile(theirs / "train.bin")
+    np.load(ours / "valid_ids.npy").tofile(theirs / "val.bin")
     with open(theirs / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": vocab}, f)
     return ours, root / "nanogpt"
@@ -96,6 +92,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--precision", nargs="+", default=["bf16", "no"], help="ours: bf16 and/or no (fp32)")
     args = p.parse_args()
+    if args.vocab > 65536:
+        sys.exit("error: nanoGPT's train.py reads its ids as uint16: --vocab at most 65536")
     missing = [f for f in NANOGPT_FILES if not (args.nanogpt / f).is_file()]
     if missing:
         sys.exit(f"error: {args.nanogpt} is not a nanoGPT checkout (no {', '.join(missing)}): "

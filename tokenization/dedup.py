@@ -189,6 +189,16 @@ def _components(label: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return root[label]
 
 
+def similarity(keys: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The estimated Jaccard similarity of documents a[i] and b[i]: the share of equal signature
+    entries, in chunks of 4,096 pairs (a row pair at a time would be slow, all at once large)."""
+    if not len(a):
+        return np.zeros(0)
+    chunks = max(1, len(a) // 4096)
+    return np.concatenate([(keys[x] == keys[y]).mean(1) for x, y in zip(np.array_split(a, chunks),
+                                                                       np.array_split(b, chunks))])
+
+
 def kept_copies(sig: Signatures, settings: DedupSettings) -> np.ndarray:
     """For every document (in input order), the index of the copy kept: itself, or the earliest
     document of its group of duplicates. Documents with no words are never duplicates."""
@@ -203,9 +213,7 @@ def kept_copies(sig: Signatures, settings: DedupSettings) -> np.ndarray:
         first = _first_of_groups(band)
         pairs = np.flatnonzero((first != np.arange(n)) & has_words & has_words[first])
         if settings.method == "minhash" and len(pairs):
-            similar = np.concatenate([(sig.keys[c] == sig.keys[first[c]]).mean(1) >= settings.threshold
-                                      for c in np.array_split(pairs, max(1, len(pairs) // 4096))])
-            pairs = pairs[similar]
+            pairs = pairs[similarity(sig.keys, pairs, first[pairs]) >= settings.threshold]
         label = _components(label, pairs, first[pairs])
     return label
 

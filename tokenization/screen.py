@@ -21,7 +21,8 @@ import numpy as np
 from . import PrepareError
 from .contamination import Checker, build_index
 from .corpus import ReadOptions, Source, iter_documents, total_file_bytes
-from .dedup import SIGNATURES, DedupSettings, Signatures, Signer, plan, shard_signatures
+from .dedup import SIGNATURES, DedupSettings, Signatures, Signer, plan, shard_signatures, similarity
+from .tasks import task_list
 
 MODES = ("drop", "report")
 
@@ -32,7 +33,7 @@ class Screening:
     meta: dict = field(default_factory=dict)
     contaminated: list[dict] = field(default_factory=list)  # report rows
     duplicates: tuple | None = None  # (dropped ids, kept ids, similarities) for the report rows
-    signatures: Signatures | None = None  # --signatures_only: what step one writes
+    signatures: Signatures | None = None  # --signatures_only: what step one writes (else freed once used)
     signed_sha256: dict[str, str] = field(default_factory=dict)  # --dedup_signatures: each input as step one read it
 
     def report(self, sources: list[Source]) -> Iterator[dict]:
@@ -45,10 +46,6 @@ def settings_of(args: argparse.Namespace) -> DedupSettings:
     defaults = DedupSettings()
     return DedupSettings(args.dedup, defaults.threshold if args.dedup_threshold is None else args.dedup_threshold,
                          defaults.ngram if args.dedup_ngram is None else args.dedup_ngram)
-
-
-def task_list(spec: str | None) -> list[str]:
-    return [n.strip() for n in (spec or "").split(",") if n.strip()]
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -111,21 +108,21 @@ def screen(args: argparse.Namespace, sources: list[Source], all_sources: list[So
     checker = None
     if args.decontaminate and not args.signatures_only:
         checker = Checker(build_index(task_list(args.decontaminate), args.tasks_dir, args.decontaminate_ngram))
-    seconds = 0.0
+    seconds, signed = 0.0, None
     if sign or checker:
         t0 = time.perf_counter()
         signer = Signer(settings) if sign else None
         _read(sources, opts, doc_shard, signer, checker)
         seconds = round(time.perf_counter() - t0, 3)
-        out.signatures = signer.signatures() if signer else None
-    if settings.method != "none" and not args.signatures_only:
-        if sign:
-            whole, out.signatures = out.signatures, None  # freed once the plan is made: not held while encoding
-        else:
-            whole, out.signed_sha256 = shard_signatures(Path(args.dedup_signatures), settings, args.num_shards,
-                                                            inputs_of(all_sources, opts))
-        _dedup(out, whole, settings, _mine(whole, sources, doc_shard), bool(args.dedup_report))
-        del whole
+        signed = signer.signatures() if signer else None
+    if args.signatures_only:
+        out.signatures = signed  # step one writes them; nothing is dropped yet
+    elif settings.method != "none":
+        if signed is None:  # step two: every shard's, signed before
+            signed, out.signed_sha256 = shard_signatures(Path(args.dedup_signatures), settings, args.num_shards,
+                                                         inputs_of(all_sources, opts))
+        _dedup(out, signed, settings, _mine(signed, sources, doc_shard), bool(args.dedup_report))
+        del signed  # freed once the plan is made: not held while encoding
         out.meta["dedup"]["seconds"] = seconds
     if checker:
         _contamination(out, checker, args.decontaminate_mode, all_sources)
@@ -184,14 +181,12 @@ def _dedup(out: Screening, sig: Signatures, settings: DedupSettings, mine: np.nd
                          "bytes_dropped": int(sig.sizes[dropped].sum())}
     if report:  # the rows' ids and similarities only: the signatures themselves are not kept
         kept = found.kept[dropped]
-        similarity = np.concatenate([(sig.keys[d] == sig.keys[k]).mean(1) for d, k in zip(
-            np.array_split(dropped, max(1, len(dropped) // 4096)), np.array_split(kept, max(1, len(dropped) // 4096)))])
-        out.duplicates = (sig.ids[dropped], sig.ids[kept], similarity)
+        out.duplicates = (sig.ids[dropped], sig.ids[kept], similarity(sig.keys, dropped, kept))
 
 
 def duplicate_rows(sources: list[Source], dropped: np.ndarray, kept: np.ndarray,
-                   similarity: np.ndarray) -> Iterator[dict]:
-    for d, k, sim in zip(dropped, kept, similarity):
+                   similarities: np.ndarray) -> Iterator[dict]:
+    for d, k, sim in zip(dropped, kept, similarities):
         yield {"reason": "duplicate", "dropped": doc_name(sources, tuple(d)), "kept": doc_name(sources, tuple(k)),
                "similarity": round(float(sim), 4)}
 

@@ -14,6 +14,11 @@ from . import PrepareError
 PIP_LINE = "pip install 'accel-pretrain[eval]' (or pip install lm-eval)"
 
 
+def task_list(spec: str | None) -> list[str]:
+    """"hellaswag, arc_easy" -> ["hellaswag", "arc_easy"]: the comma-separated names every CLI takes."""
+    return [n.strip() for n in (spec or "").split(",") if n.strip()]
+
+
 def require_lm_eval(what: str = "downstream tasks") -> None:
     try:
         import lm_eval  # noqa: F401
