@@ -160,11 +160,12 @@ def test_forward_loss_is_mean_cross_entropy():
     assert 5.0 < loss.item() < 5.7  # about ln(211) at initialisation: the init is not degenerate
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
-    """The model is one graph for dynamo (fullgraph: no break), forward and backward equal to eager,
-    through dynamo and AOTAutograd (aot_eager); through inductor, with activation checkpointing, next to
-    --compile's run in test_second_day (one CPU compilation costs 30-40 s on 2 cores)."""
-    assert_compiles_like_eager(checkpoint_blocks=False, backend="aot_eager")
+@pytest.mark.parametrize("checkpoint_blocks", [False, True], ids=["plain", "checkpointed"])
+def test_torch_compile_fullgraph_forward_and_backward(checkpoint_blocks):
+    """The model, with and without activation checkpointing, is one graph for dynamo (fullgraph: no
+    break), forward and backward equal to eager, through dynamo and AOTAutograd (aot_eager); through
+    inductor, as --compile trains, in test_second_day (one CPU compilation costs 20-30 s on 2 cores)."""
+    assert_compiles_like_eager(checkpoint_blocks=checkpoint_blocks, backend="aot_eager")
 
 
 def assert_compiles_like_eager(checkpoint_blocks: bool, backend: str) -> None:

@@ -305,19 +305,16 @@ def test_activation_checkpointing_gives_the_plain_gradients_and_run(tmp_path, da
 
 
 def test_activation_checkpointing_under_compile(tmp_path, data_dir, trained_run, capsys, monkeypatch):
-    """The checkpointed model compiles through inductor as one graph (fullgraph), equal to eager; then
-    --activation_checkpointing with --compile (Accelerate's inductor backend: the recomputed blocks are
-    compiled too, here from inductor's cache of that graph; --eval_tasks and the validation loss score
-    the plain module meanwhile, so `evaluate` reproduces the logged val_loss bit for bit) ends within
-    float tolerance of the plain eager run of the same flags (conftest's trained_run). Under DDP
-    checkpointing is bit-identical to the plain run: test_cluster's SLURM test."""
+    """--activation_checkpointing with --compile (Accelerate's inductor backend: the recomputed blocks
+    are compiled too; that the checkpointed model is one graph, test_model's fullgraph test) ends within
+    float tolerance of the plain eager run of the same flags (conftest's trained_run); --eval_tasks and
+    the validation loss score the plain module meanwhile, so `evaluate` reproduces the logged val_loss
+    bit for bit. Under DDP checkpointing is bit-identical to the plain run: test_cluster's SLURM test."""
     import accel_pretrain.periodic as periodic
     from accel_pretrain import evaluate
     from accel_pretrain.tracking import read_log
     from tests.helpers import weights
-    from tests.test_model import assert_compiles_like_eager
 
-    assert_compiles_like_eager(checkpoint_blocks=True, backend="inductor")
     scored = []
     score = periodic.score
     monkeypatch.setattr(periodic, "score", lambda model, *a: scored.append(type(model).__name__) or score(model, *a))
