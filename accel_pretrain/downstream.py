@@ -79,8 +79,10 @@ def run_tasks(lm: Any, names: list[str], tasks_dir: str | None, limit: int | Non
     built = [loaded["groups"].get(n) or loaded["tasks"].get(n) for n in names]
     tasks = built if all(built) else names
     # lm-eval records the git hash of the working directory by running git, whose "fatal: not a git
-    # repository" would reach our output; we do not report it
+    # repository" would reach our output, and torch's collect_env report (pip list, lscpu: half a second
+    # of subprocesses at every scoring during training); we report neither
     lm_eval.evaluator.get_git_commit_hash = lambda: None
+    lm_eval.evaluator.add_env_info = lambda results: None
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet) if lm.rank else contextlib.nullcontext():
         out = lm_eval.evaluator.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                                 task_manager=manager, bootstrap_iters=1000, log_samples=False,
