@@ -5,11 +5,12 @@ lm-eval is imported inside the functions, so that it stays an optional dependenc
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tokenization import PrepareError, tasks
 
@@ -83,7 +84,8 @@ def run_tasks(lm: Any, names: list[str], tasks_dir: str | None, limit: int | Non
     # of subprocesses at every scoring during training); we report neither
     lm_eval.evaluator.get_git_commit_hash = lambda: None
     lm_eval.evaluator.add_env_info = lambda results: None
-    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet) if lm.rank else contextlib.nullcontext():
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet) if lm.rank else contextlib.nullcontext(), \
+            request_bars(lm.progress):
         out = lm_eval.evaluator.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                                 task_manager=manager, bootstrap_iters=1000, log_samples=False,
                                                 verbosity="ERROR", random_seed=None, numpy_random_seed=None,
@@ -95,6 +97,21 @@ def run_tasks(lm: Any, names: list[str], tasks_dir: str | None, limit: int | Non
     baselines = {name: chance(task, limit) for name, task in loaded["tasks"].items()}
     return {"results": results, "random": baselines, "core": core_score(results, baselines),
             "n_samples": out.get("n-samples", {}), "n_shot": out.get("n-shot", {})}
+
+
+@contextlib.contextmanager
+def request_bars(shown: bool) -> Iterator[None]:
+    """lm-eval's bar over each task's documents as it builds the requests (it takes no switch), shown
+    with ours only: not on other ranks, nor between the log lines of a training."""
+    import lm_eval.api.task
+
+    bar = lm_eval.api.task.tqdm
+    if not shown:
+        lm_eval.api.task.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        lm_eval.api.task.tqdm = bar
 
 
 def table(scores: dict[str, Any]) -> str:

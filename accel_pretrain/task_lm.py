@@ -64,6 +64,11 @@ class TaskLM(TemplateLM):
             logits, _ = self.model(x)
         return F.log_softmax(logits.float(), dim=-1)
 
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's tokenizing of the requests, with its bar only where ours is shown (not between
+        the log lines of a training)."""
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
+
     def _loglikelihood_tokens(self, requests: list, disable_tqdm: bool = False, **kwargs: Any
                               ) -> list[tuple[float, bool]]:
         """Requests whose inputs are the same tokens (a context with one-token continuations: each

@@ -151,7 +151,8 @@ def test_evaluate_in_the_runs_bf16_reproduces_its_log_exactly(tmp_path, data_dir
     logged = next(r for r in log if "val_loss" in r)
     scored = [r for r in log if "tasks/text_local/word_perplexity" in r]
     assert [r["step"] for r in scored] == [1, 2]
-    capfd.readouterr()
+    trained = capfd.readouterr()  # the scores are log lines; lm-eval's bars stay out of them
+    assert "step 2: hellaswag_local" in trained.out and "it/s" not in trained.out + trained.err, trained
 
     def evaluated(*args: str) -> tuple[dict, str]:
         assert run_cli(evaluate.main, [str(run), *args]) == 0
