@@ -181,6 +181,7 @@ for a, b, c in zip(reference.parameters(), plain.parameters(), sharded.parameter
 mine = len(range(rank, 4, world))
 assert shared_calls == [mine] * 6, (shared_calls, mine)
 print("equal", mine)
+dist.destroy_process_group()  # gloo's threads joined before exit: without it a rank can abort at teardown
 ''')
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
                            "--master_port", str(free_port()), str(script)], cwd=ROOT, env=ENV, capture_output=True,
